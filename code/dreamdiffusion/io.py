@@ -122,16 +122,13 @@ if hasattr(torch._utils, "_rebuild_device_tensor_from_numpy"):
 try:  # numpy scalars/arrays appear in optimiser states and configs
     import numpy as np
 
-    _SAFE_GLOBALS.update(
-        {
-            ("numpy", "dtype"): np.dtype,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-            ("numpy.core.multiarray", "scalar"): np.core.multiarray.scalar,
-            ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-            ("numpy._core.multiarray", "scalar"): np.core.multiarray.scalar,
-        }
-    )
+    # numpy 2 moved `numpy.core` to `numpy._core`; pickles name either, depending on who wrote them.
+    _np_multiarray = getattr(np, "_core", None) or np.core
+    for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        _SAFE_GLOBALS[(_mod, "_reconstruct")] = _np_multiarray.multiarray._reconstruct
+        _SAFE_GLOBALS[(_mod, "scalar")] = _np_multiarray.multiarray.scalar
+    _SAFE_GLOBALS[("numpy", "dtype")] = np.dtype
+    _SAFE_GLOBALS[("numpy", "ndarray")] = np.ndarray
 except Exception:  # pragma: no cover - numpy is a hard dependency
     pass
 
