@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,3 +24,44 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data in the real formats (dreamdiffusion.synthetic), shared by every area's tests.
+
+SYNTHETIC_IMAGENET_EEG = dict(
+    n_classes=4,
+    images_per_class=5,
+    n_subjects=3,
+    n_channels=128,
+    image_size=32,
+    seed=0,
+    out_of_range_fraction=0.25,  # many trials outside 450..600, so the length filter acts
+    n_splits=2,
+    dropped_final_trials=3,  # subject 3 misses its last trials: some "single" positions are invalid
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_imagenet_eeg(tmp_path_factory):
+    """A tiny ImageNet-EEG in the real formats: 4 classes x 5 images (32 px), 3 subjects, 128 channels.
+
+    Returns the dict of `write_synthetic_imagenet_eeg`: root, eeg_path, splits_path (the "single"
+    file), splits_all_path, image_dir, class_names_path. Treat the files as read-only.
+    """
+    from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
+
+    return write_synthetic_imagenet_eeg(tmp_path_factory.mktemp("imagenet_eeg"), **SYNTHETIC_IMAGENET_EEG)
+
+
+@pytest.fixture(scope="session")
+def synthetic_pretrain_corpus(tmp_path_factory):
+    """12 unpaired recordings (32/64/128 channels, 300..1200 samples) below `<root>/sub-XX/`.
+
+    Returns the root folder (a Path). Treat the files as read-only.
+    """
+    from dreamdiffusion.synthetic import write_synthetic_pretrain_corpus
+
+    root = tmp_path_factory.mktemp("pretrain_eeg")
+    write_synthetic_pretrain_corpus(root, n_files=12, length_range=(300, 1200), seed=0)
+    return root
