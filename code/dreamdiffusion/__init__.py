@@ -15,6 +15,8 @@ _LAZY = {
     "DreamDiffusion": "model",
     "EEGCondition": "model",
     "DreamDiffusionPipeline": "pipeline",
+    "load_classifier": "classifier",
+    "n_way_top_k_accuracy": "metrics",
     "ImageNetEEGDataset": "dataset",
     "EEGPretrainDataset": "dataset",
 }

@@ -153,9 +153,13 @@ class Stage1Config:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 0.8
-    checkpoint_every_n_epochs: int = 50
-    figure_every_n_epochs: int = 10
-    n_figure_samples: int = 4
+    checkpoint_every_n_epochs: int = 50  # checkpoints/epoch_NNNN.ckpt (last.ckpt is every epoch); 0 = off
+    figure_every_n_epochs: int = 10  # figures/recon_epoch_NNNN.png (and after the last epoch); 0 = off
+    n_figure_samples: int = 4  # EEG windows (rows) per reconstruction figure
+    n_figure_channels: int = 3  # channels (columns) per figure, evenly spaced over the cap
+    # End this run after this many epochs while the lr schedule still spans `epochs` (to split a
+    # long run into jobs; continue with resume=true). None = run to `epochs`.
+    stop_after_epochs: int | None = None
     resume: bool = False
 
 
@@ -184,6 +188,9 @@ class Stage2Config:
     clip_weight: float = 1.0
     clip_loss: str = "cosine"  # cosine | contrastive
     clip_temperature: float = 0.07  # only for clip_loss=contrastive
+    # Width of the CLIP image embedding the CLIP head predicts (ViT-L/14: 768); only read when no
+    # CLIP encoder is loaded (clip_weight=0), else taken from the CLIP config.
+    clip_dim: int = 768
     batch_size: int = 4  # per device (authors' released config: 4; their yaml: 25)
     epochs: int = 300  # paper
     lr: float = 5.3e-5
@@ -196,8 +203,12 @@ class Stage2Config:
     val_sampler: str = "dpm++"
     val_inference_steps: int = 25
     classifier: str | None = None  # see Stage3Config.classifier; None skips the val top-1
+    classifier_weights: str | None = None  # weights file for `classifier` (see Stage3Config)
     n_way: int = 50
     resume: bool = False
+    # What `<output_dir>/model` holds: "best" = best.ckpt, chosen on the val split (the authors
+    # picked theirs on test); "last" = the final epoch. Recorded in model/selection.json.
+    export: str = "best"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +230,9 @@ class Stage3Config:
     num_inference_steps: int = 250
     eta: float = 0.0
     guidance_scale: float = 1.0  # 1 = no classifier-free guidance, as in the paper
+    # guidance's null condition: "zero" context, or "learned" (the model's encoding of a zero EEG;
+    # for the class oracle, the text states of the empty prompt)
+    null_condition: str = "zero"
     batch_size: int = 5  # EEG trials per sampling batch
     device: str = "auto"
     precision: str = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
@@ -241,7 +255,14 @@ class Stage3Config:
     class_oracle: bool = False  # condition SD on "a photo of a <class>" instead of EEG
     class_names_path: str | None = None  # wnid -> readable name (json); default: the wnid itself
     oracle_prompt: str = "a photo of a {}"
+    # The class oracle conditions the BASE SD1.5 UNet (not the fine-tuned one) on CLIP text states.
+    oracle_sd_path: str = "pretrains/stable-diffusion-v1-5/v1-5-pruned.ckpt"
+    # SD1.5's text encoder is the text tower of CLIP ViT-L/14: a transformers CLIP folder with a
+    # tokenizer; None = clip_path.
+    oracle_text_encoder_path: str | None = None
     save_images: bool = True
+    n_grid_trials: int = 8  # trials (rows: ground truth + samples) per grid image
+    kid_subset_size: int = 50  # torchmetrics' default subset size, capped at the number of images
 
 
 STAGE_CONFIGS = {"stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config}

@@ -1,0 +1,511 @@
+"""Stage 1 training: the EEG MAE on unpaired EEG, with Lightning (single device or DDP).
+
+`run_pretraining(cfg)` is what `code/stage1_pretrain_eeg.py` calls. It writes to `cfg.output_dir`:
+
+    config.yaml                 the resolved config
+    checkpoints/last.ckpt       every epoch (atomically); `resume=true` continues from it
+    checkpoints/epoch_NNNN.ckpt every `checkpoint_every_n_epochs` epochs
+    metrics.csv                 one row per epoch: loss, lr, reconstruction correlation (+ val loss)
+    figures/recon_epoch_NNNN.png  input / masked input / reconstruction, every `figure_every_n_epochs`
+    eeg_encoder/                the encoder export (model.safetensors + config.json) at the end
+
+Randomness (data order, crops, masks) is a function of (seed, epoch, rank), so a run resumed from
+`last.ckpt` continues exactly as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .config import resolve_path, save_config, to_container
+from .errors import ConfigError
+from .io import atomic_path
+from .mae import MaskedEEGAutoencoder, build_mae, count_parameters, save_eeg_encoder
+
+METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "seconds"]
+
+# -------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices/kernels; none on norms, biases and cls/mask tokens.
+
+    (Position tables are fixed buffers, not parameters, so they never reach the optimiser.)
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
+    """lr factor per optimiser step: linear 0 -> 1 over `warmup_steps`, then half-cosine to `min_factor`.
+
+    The authors compute the same curve per iteration from a fractional epoch.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def reconstruction_correlation(reconstruction: torch.Tensor, eeg: torch.Tensor) -> torch.Tensor:
+    """Mean Pearson correlation over time between reconstruction and input, [B, C, T] each.
+
+    Averaged over samples and channels (the authors monitor the first channel only).
+    """
+    x = reconstruction.float() - reconstruction.float().mean(-1, keepdim=True)
+    y = eeg.float() - eeg.float().mean(-1, keepdim=True)
+    corr = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)
+    return corr.mean()
+
+
+class MAEPretrainModule(pl.LightningModule):
+    """The MAE plus its optimiser and schedule. `config` is the stage-1 config as plain data."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        self.model: MaskedEEGAutoencoder = build_mae(config["encoder"], config["decoder"], config["mask_ratio"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        eeg = batch["eeg"]
+        out = self.model(eeg)
+        with torch.no_grad():
+            corr = reconstruction_correlation(self.model.unpatchify(out["pred"]), eeg)
+        n = eeg.shape[0]
+        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/recon_corr", corr, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True, batch_size=n)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        eeg = batch["eeg"]
+        # The same tokens are hidden at every validation, so the val loss is comparable across epochs.
+        generator = torch.Generator().manual_seed(self.config["seed"] + batch_idx)
+        noise = torch.rand(eeg.shape[0], self.model.encoder.num_patches, generator=generator).to(eeg.device)
+        out = self.model(eeg, noise=noise)
+        self.log("val/loss", out["loss"], on_epoch=True, batch_size=eeg.shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        groups = parameter_groups(self.model, cfg["weight_decay"])
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs))
+        warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+        schedule = warmup_cosine(warmup_steps, total_steps, cfg["min_lr"] / cfg["lr"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        world = self.trainer.world_size
+        accumulate = self.trainer.accumulate_grad_batches
+        rank_zero_info(
+            "stage 1: effective batch {eff} ({b} per device x {w} devices x {a} accumulation), lr {lr:g} "
+            "(min {mlr:g}), {spe} optimiser steps/epoch, {tot} steps in all, {wu} warm-up steps; "
+            "parameters: {np_:,} ({nd:,} with weight decay)".format(
+                eff=cfg["batch_size"] * world * accumulate, b=cfg["batch_size"], w=world, a=accumulate,
+                lr=cfg["lr"], mlr=cfg["min_lr"], spe=steps_per_epoch, tot=total_steps, wu=warmup_steps,
+                np_=count_parameters(self.model), nd=sum(p.numel() for p in groups[0]["params"]),
+            )
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self.config  # plain data: the checkpoint reloads on its own
+
+
+# -------------------------------------------------------------------------------------------------
+# Callbacks
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int):
+    """Run a block with fixed seeds and leave the global random streams as they were."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class PretrainData(pl.LightningDataModule):
+    """Loaders whose randomness is a function of (seed, epoch, rank) only.
+
+    Shuffling uses a `DistributedSampler` (also for one process: it shards for DDP and permutes by
+    seed + epoch) and worker seeds come from `generator`, which `EpochSeed` re-seeds each epoch.
+    Lightning builds the loader and its first iterator (workers prefetch at once) before it
+    restores the epoch counter of a resumed run, so the epoch to start from travels in this
+    module's own checkpoint state (restored earlier) and the loader is built for it.
+    """
+
+    def __init__(self, train_set, val_set, batch_size: int, num_workers: int, pin_memory: bool, seed: int):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.generator = torch.Generator()
+        self.resume_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved at the end of epoch `current_epoch`; a resumed run starts with the next one.
+        return {"next_epoch": self.trainer.current_epoch + 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_epoch = int(state["next_epoch"])
+
+    def _loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader:
+        trainer = self.trainer
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=shuffle, seed=self.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, generator=self.generator)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = max(self.trainer.current_epoch, self.resume_epoch)
+        self.generator.manual_seed(_epoch_seed(self.seed, epoch, self.trainer.global_rank))
+        return self._loader(self.train_set, shuffle=True, epoch=epoch)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False, epoch=0)
+
+
+class EpochSeed(pl.Callback):
+    """Seed python/numpy/torch (random crops, masks) and the loader's generator per (seed, epoch, rank)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed = _epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if isinstance(trainer.datamodule, PretrainData):
+            trainer.datamodule.generator.manual_seed(seed)
+
+
+class LastCheckpoint(pl.Callback):
+    """`checkpoints/last.ckpt` after every epoch, written atomically; a copy every N epochs."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tmp = self.dirpath / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes; all wait
+        if trainer.is_global_zero:
+            epoch = trainer.current_epoch + 1
+            if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
+                with atomic_path(self.dirpath / f"epoch_{epoch:04d}.ckpt") as copy:
+                    copy.write_bytes(tmp.read_bytes())
+            os.replace(tmp, self.dirpath / "last.ckpt")
+        trainer.strategy.barrier("LastCheckpoint")
+
+
+class MetricsCSV(pl.Callback):
+    """One row per epoch in `metrics.csv` (epoch-mean loss and correlation, last lr, val loss)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self._started = time.time()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # On resume keep the rows of the epochs already done, drop any written after last.ckpt.
+        self.rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank reads the metrics: reading them runs the cross-process reduction of sync_dist.
+        metrics = dict(trainer.callback_metrics)
+        if not trainer.is_global_zero:
+            return
+
+        def value(*names: str) -> str:
+            for name in names:
+                if name in metrics:
+                    return f"{float(metrics[name]):.6g}"
+            return ""
+
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "loss": value("train/loss_epoch", "train/loss"),
+                "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}",
+                "recon_corr": value("train/recon_corr"),
+                "val_loss": value("val/loss"),
+                "seconds": f"{time.time() - self._started:.2f}",
+            }
+        )
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class ReconstructionFigures(pl.Callback):
+    """PNG of input, masked input and reconstruction for a few fixed samples and channels."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int, n_samples: int, n_channels: int, seed: int):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.n_samples = n_samples
+        self.n_channels = n_channels
+        self.seed = seed
+        self.eeg: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self.every_n_epochs <= 0 or self.n_samples <= 0:
+            return
+        dataset = trainer.train_dataloader.dataset
+        with _isolated_rng(self.seed):  # the same crops every time, without touching training's streams
+            items = [dataset[i]["eeg"] for i in range(min(self.n_samples, len(dataset)))]
+        self.eeg = torch.stack(items)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = epoch == trainer.max_epochs
+        if self.eeg is None or not trainer.is_global_zero or (epoch % self.every_n_epochs and not last):
+            return
+        self.save(pl_module.model, self.dirpath / f"recon_epoch_{epoch:04d}.png", f"epoch {epoch}")
+
+    @torch.no_grad()
+    def save(self, model: MaskedEEGAutoencoder, path: Path, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        eeg = self.eeg.to(device)
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(eeg.shape[0], model.encoder.num_patches, generator=generator).to(device)
+        out = model(eeg, noise=noise)
+        model.train(was_training)
+        recon = model.unpatchify(out["pred"]).float().cpu()
+        hidden = out["mask"].float().cpu().repeat_interleave(model.patch_size, dim=1).bool()  # [B, T]
+        eeg = eeg.float().cpu()
+        channels = np.linspace(0, eeg.shape[1] - 1, min(self.n_channels, eeg.shape[1])).round().astype(int)
+        n_rows, n_cols = eeg.shape[0], len(channels)
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 2.2 * n_rows), squeeze=False)
+        t = np.arange(eeg.shape[2])
+        for i in range(n_rows):
+            for j, c in enumerate(channels):
+                ax = axes[i, j]
+                visible = np.where(hidden[i].numpy(), np.nan, eeg[i, c].numpy())
+                ax.plot(t, eeg[i, c].numpy(), color="0.75", lw=0.8, label="input")
+                ax.plot(t, visible, color="k", lw=0.8, label="masked input (visible part)")
+                ax.plot(t, recon[i, c].numpy(), color="tab:red", lw=0.8, label="reconstruction")
+                ax.set_title(f"sample {i}, channel {c}", fontsize=8)
+                ax.tick_params(labelsize=6)
+        axes[0, 0].legend(fontsize=6, loc="upper right")
+        fig.suptitle(f"{title}: loss on hidden tokens {float(out['loss']):.4f}", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+
+
+class StopAfterEpochs(pl.Callback):
+    """End the run after `n_epochs` epochs in all (counting those before a resume)."""
+
+    def __init__(self, n_epochs: int | None):
+        self.n_epochs = n_epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.n_epochs is not None and trainer.current_epoch + 1 >= self.n_epochs:
+            trainer.should_stop = True
+
+
+class ExportEncoder(pl.Callback):
+    """Write the `eeg_encoder/` export when training ends."""
+
+    def __init__(self, dirpath: Path):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_eeg_encoder(pl_module.model.encoder, self.dirpath)
+
+
+# -------------------------------------------------------------------------------------------------
+# Putting it together
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto` -> bf16-mixed on a GPU, 32-true on the CPU; anything else is passed to Lightning."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if precision == "auto":
+        return "bf16-mixed" if on_gpu else "32-true"
+    if precision in ("16-mixed", "16") and not on_gpu:
+        raise ConfigError(f"trainer.precision={precision} (fp16 autocast) needs a GPU; use 32 or bf16-mixed on the CPU")
+    return precision
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject inconsistent stage-1 settings with a sentence naming the field."""
+    enc = cfg.encoder
+    checks = [
+        (0.0 <= cfg.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (0 <= cfg.warmup_epochs <= cfg.epochs,
+         f"warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}"),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}"),
+        (len(cfg.betas) == 2, f"betas must be two numbers, got {list(cfg.betas)}"),
+        (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}"),
+        (enc.n_times % enc.patch_size == 0,
+         f"encoder.n_times ({enc.n_times}) must be a multiple of encoder.patch_size ({enc.patch_size})"),
+        (enc.embed_dim % enc.num_heads == 0,
+         f"encoder.embed_dim ({enc.embed_dim}) must be a multiple of encoder.num_heads ({enc.num_heads})"),
+        (cfg.decoder.decoder_embed_dim % cfg.decoder.decoder_num_heads == 0,
+         "decoder.decoder_embed_dim must be a multiple of decoder.decoder_num_heads"),
+        (enc.n_channels == cfg.data.n_channels,
+         f"encoder.n_channels ({enc.n_channels}) and data.n_channels ({cfg.data.n_channels}) differ"),
+        (enc.n_times == cfg.data.n_times,
+         f"encoder.n_times ({enc.n_times}) and data.n_times ({cfg.data.n_times}) differ"),
+        (cfg.stop_after_epochs is None or cfg.stop_after_epochs >= 1,
+         f"stop_after_epochs must be >= 1 or null, got {cfg.stop_after_epochs}"),
+        (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def build_datasets(cfg: DictConfig):
+    """(train, val or None) `EEGPretrainDataset`s; val holds `data.val_fraction` of the files."""
+    from .dataset import EEGPretrainDataset
+
+    full = EEGPretrainDataset.from_config(cfg.data)
+    n_val = int(round(len(full.files) * cfg.data.val_fraction))
+    if n_val == 0:
+        return full, None
+    order = np.random.default_rng(cfg.seed).permutation(len(full.files))
+    files = [full.files[i] for i in order]
+    if n_val >= len(files):
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no training files of {len(files)}")
+
+    return (EEGPretrainDataset.from_config(cfg.data, files=files[n_val:]),
+            EEGPretrainDataset.from_config(cfg.data, files=files[:n_val]))
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], validate: bool) -> pl.Trainer:
+    tcfg = cfg.trainer
+    logger: Any = False
+    if cfg.wandb.enabled:
+        from pytorch_lightning.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+        logger = WandbLogger(
+            project=cfg.wandb.project, name=cfg.wandb.run_name, save_dir=str(out_dir),
+            offline=cfg.wandb.mode == "offline", mode=cfg.wandb.mode, config=to_container(cfg),
+        )
+    return pl.Trainer(
+        default_root_dir=str(out_dir),
+        max_epochs=cfg.epochs,
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy,
+        precision=resolve_precision(tcfg.precision, tcfg.accelerator),
+        accumulate_grad_batches=tcfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.grad_clip if cfg.grad_clip > 0 else None,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=tcfg.log_every_n_steps,
+        limit_train_batches=tcfg.limit_train_batches,
+        limit_val_batches=tcfg.limit_val_batches if validate else 0,
+        enable_progress_bar=tcfg.progress_bar,
+        enable_checkpointing=False,  # LastCheckpoint writes ours, atomically
+        use_distributed_sampler=False,  # PretrainData shards and shuffles itself
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=callbacks,
+    )
+
+
+def run_pretraining(cfg: DictConfig) -> Path:
+    """Train the MAE as `cfg` (a `Stage1Config`) says; return the output folder."""
+    check_config(cfg)
+    out_dir = resolve_path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if cfg.resume and not last.is_file():
+        raise ConfigError(f"resume=true but there is no checkpoint to resume from: {last}")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    train_set, val_set = build_datasets(cfg)
+    pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+    data = PretrainData(train_set, val_set, cfg.batch_size, cfg.trainer.num_workers, pin, cfg.seed)
+    callbacks = [
+        EpochSeed(cfg.seed),
+        MetricsCSV(out_dir / "metrics.csv"),
+        ReconstructionFigures(out_dir / "figures", cfg.figure_every_n_epochs, cfg.n_figure_samples,
+                              cfg.n_figure_channels, cfg.seed),
+        LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_epochs),
+        StopAfterEpochs(cfg.stop_after_epochs),
+        ExportEncoder(out_dir / "eeg_encoder"),
+    ]
+    trainer = build_trainer(cfg, out_dir, callbacks, validate=val_set is not None)
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+        _print_once(cfg, len(train_set), 0 if val_set is None else len(val_set))
+    module = MAEPretrainModule(to_container(cfg))
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
+    return out_dir
+
+
+@rank_zero_only
+def _print_once(cfg: DictConfig, n_train: int, n_val: int) -> None:
+    print(
+        f"stage 1: {n_train} training windows, {n_val} validation windows from {resolve_path(cfg.data.root)}; "
+        f"mask ratio {cfg.mask_ratio}; output {resolve_path(cfg.output_dir)}"
+        + (" (resuming from checkpoints/last.ckpt)" if cfg.resume else "")
+    )

@@ -1,0 +1,210 @@
+"""The n-way top-k accuracy (exact and sampled), the pixel / perceptual / distribution metrics, the
+bootstrap summaries and the classifier loader."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from dreamdiffusion.classifier import load_classifier, save_local_classifier
+from dreamdiffusion.errors import CheckpointError, ConfigError
+from dreamdiffusion.metrics import (
+    LPIPS,
+    bootstrap_ci,
+    distribution_metrics,
+    mse,
+    n_way_top_k_accuracy,
+    pcc,
+    retrieval_accuracy,
+    ssim,
+    summarize,
+)
+
+
+def _ranked_probs(n_classes: int, ref: int, n_lower: int) -> torch.Tensor:
+    """Probabilities where `ref` has exactly `n_lower` other classes below it (all distinct)."""
+    others = [c for c in range(n_classes) if c != ref]
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(1))  # classes in random places
+    ranks = torch.empty(n_classes, dtype=torch.float64)
+    for position, idx in enumerate(order.tolist()):
+        ranks[others[idx]] = position if position < n_lower else position + 1
+    ranks[ref] = n_lower
+    return (ranks / 10).softmax(0)
+
+
+@pytest.mark.parametrize("n_lower", [48, 49, 500, 900, 990, 998, 999])
+def test_exact_n_way_is_the_closed_form(n_lower):
+    probs = _ranked_probs(1000, ref=123, n_lower=n_lower)
+    acc = n_way_top_k_accuracy(probs[None], torch.tensor([123]), n_way=50)
+    assert float(acc) == pytest.approx(math.comb(n_lower, 49) / math.comb(999, 49), rel=1e-12)
+
+
+def test_ties_count_against_the_reference():
+    probs = torch.full((1, 10), 0.1)  # everything tied: every distractor "beats" the reference
+    assert float(n_way_top_k_accuracy(probs, 3, n_way=5)) == 0.0
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]])  # one tie, two lower
+    # hit unless the tied class is drawn: C(2, 2) / C(3, 2) = 1/3
+    assert float(n_way_top_k_accuracy(probs, 0, n_way=3)) == pytest.approx(1 / 3)
+
+
+def test_sampled_estimate_converges_to_the_exact_value():
+    probs = torch.stack([_ranked_probs(1000, ref=7, n_lower=r) for r in (960, 975, 990)])
+    ref = torch.tensor([7, 7, 7])
+    exact = n_way_top_k_accuracy(probs, ref)
+    trials = 4000
+    sampled = n_way_top_k_accuracy(probs, ref, trials=trials, generator=torch.Generator().manual_seed(0))
+    sigma = torch.sqrt(exact * (1 - exact) / trials)
+    assert torch.all((sampled - exact).abs() < 4 * sigma), (sampled, exact)
+    again = n_way_top_k_accuracy(probs, ref, trials=50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, n_way_top_k_accuracy(probs, ref, trials=50, generator=torch.Generator().manual_seed(3)))
+
+
+def _brute_force(probs: torch.Tensor, ref: int, n_way: int, top_k: int) -> float:
+    others = [c for c in range(len(probs)) if c != ref]
+    hits = []
+    for drawn in itertools.combinations(others, n_way - 1):
+        n_higher = sum(bool(probs[c] >= probs[ref]) for c in drawn)
+        hits.append(n_higher < top_k)
+    return sum(hits) / len(hits)
+
+
+def test_top_k_on_a_hand_checked_case():
+    # 5 classes; the reference (class 0) has 2 classes above it and 2 below; 3-way: 2 distractors of 4.
+    probs = torch.tensor([0.2, 0.4, 0.3, 0.06, 0.04])
+    # top-1: both distractors must be lower: 1 of the 6 pairs; top-2: fail only on the pair {1, 2}
+    assert float(n_way_top_k_accuracy(probs, 0, n_way=3, top_k=1)) == pytest.approx(1 / 6)
+    assert float(n_way_top_k_accuracy(probs, 0, n_way=3, top_k=2)) == pytest.approx(5 / 6)
+    assert float(n_way_top_k_accuracy(probs, 0, n_way=3, top_k=3)) == 1.0
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p = torch.rand(9, generator=rng)
+        for n_way, top_k in ((2, 1), (4, 2), (6, 3), (9, 5)):
+            assert float(n_way_top_k_accuracy(p, 4, n_way, top_k)) == pytest.approx(_brute_force(p, 4, n_way, top_k))
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_way=1), dict(n_way=11), dict(top_k=0), dict(top_k=4, n_way=3),
+                                    dict(trials=0)])
+def test_n_way_rejects_bad_arguments(kwargs):
+    with pytest.raises(ConfigError):
+        n_way_top_k_accuracy(torch.rand(2, 10), torch.tensor([0, 1]), **kwargs)
+    with pytest.raises(ConfigError):
+        n_way_top_k_accuracy(torch.rand(2, 10), torch.tensor([0, 10]))
+
+
+def test_pixel_metrics_on_known_images():
+    black = np.zeros((1, 8, 8, 3), np.uint8)
+    white = np.full((1, 8, 8, 3), 255, np.uint8)
+    red = black.copy()
+    red[..., 0] = 255
+    green = black.copy()
+    green[..., 1] = 255
+    assert mse(black, white)[0] == pytest.approx(1.0)
+    assert mse(red, green)[0] == pytest.approx(2 / 3)
+    ramp = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(1, 8, 8, 3)
+    assert pcc(ramp, ramp // 2 + 10)[0] == pytest.approx(1.0, abs=1e-3)
+    assert pcc(ramp, 200 - ramp)[0] == pytest.approx(-1.0)
+    assert pcc(black, ramp)[0] == 0.0  # constant image: defined as 0
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    assert ssim(noise, noise) == pytest.approx([1.0, 1.0])
+    assert ssim(noise, noise[::-1]).max() < 0.2
+
+
+def test_bootstrap_and_summary():
+    rng = np.random.default_rng(0)
+    values = rng.random((40, 5))
+    values[:, 2] += 0.5
+    s = summarize(values, n_bootstrap=200, seed=1)
+    assert s["per_slot"] == pytest.approx(values.mean(0).tolist())
+    assert s["mean"] == pytest.approx(values.mean())
+    assert s["best_slot_index"] == 2 and s["best_slot"] == pytest.approx(values[:, 2].mean())
+    assert s["mean_ci95"][0] < s["mean"] < s["mean_ci95"][1]
+    assert summarize(values, 200, seed=1) == s  # seeded
+    assert bootstrap_ci(values[:1], lambda v: v.mean()) == (values[0].mean(),) * 2
+
+
+def test_retrieval_accuracy_exact():
+    images = torch.eye(4)
+    # trial 0's EEG embedding sits on its own image; trial 1's is closer to image 2 than to its own
+    eeg = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 1, 0], [0, 0, 1, 0], [0.1, 0.2, 0.3, 1]])
+    acc, used = retrieval_accuracy(eeg, images, ["a", "b", "c", "d"], n_way=3)
+    assert used == 3
+    # trial 1: own score 0.5/|.| beats images 0 and 3, loses to image 2: C(2, 2) / C(3, 2) = 1/3
+    assert acc == pytest.approx([1.0, 1 / 3, 1.0, 1.0])
+    acc, used = retrieval_accuracy(eeg, images, ["a", "b", "c", "d"], n_way=50)
+    assert used == 4  # capped at the number of distinct images
+
+
+class _MeanColour(nn.Module):
+    """A tiny feature network on uint8 images: the mean and std of each channel."""
+
+    num_features = 6
+
+    def forward(self, images):
+        x = images.float() / 255
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_fid_is_kid_with_a_custom_feature_network():
+    rng = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (12, 3, 16, 16), generator=rng, dtype=torch.uint8)
+    same = distribution_metrics(real, real, _MeanColour(), kid_subset_size=6)
+    dark = (real // 4).to(torch.uint8)
+    shifted = distribution_metrics(dark, real, _MeanColour(), kid_subset_size=6)
+    assert abs(same["fid"]) < 1e-4 and shifted["fid"] > 0.01
+    assert shifted["kid_mean"] > same["kid_mean"]
+    assert set(same) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "n_generated", "n_reference"}
+    assert same["n_generated"] == same["n_reference"] == 12
+
+
+def test_lpips_from_a_local_alexnet_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "alexnet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    lpips = LPIPS(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    assert (lpips(x, -x) > 0).all()
+    with pytest.raises(CheckpointError):
+        LPIPS(tmp_path / "missing.pth")
+
+
+def test_local_classifier_folder_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=7, img_size=32).eval()
+    save_local_classifier(model, tmp_path / "clf", "test_vit", {"num_classes": 7, "img_size": 32}, 32,
+                          [0.5] * 3, [0.5] * 3, [f"class {i}" for i in range(7)])
+    classifier = load_classifier(str(tmp_path / "clf"))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    probs = classifier(images)
+    # at the native size the preprocessing is exactly (x + 1) / 2 then (. - 0.5) / 0.5 = x
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert classifier(torch.rand(2, 3, 50, 70) * 2 - 1).shape == (2, 7)  # any size in
+    assert classifier.class_names[3] == "class 3"
+
+
+def test_classifier_specs(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="vit_h_14_swag"):
+        load_classifier("torchvision:vit_h_14")  # offline, no file
+    with pytest.raises(CheckpointError, match="not found"):
+        load_classifier("torchvision:vit_h_14", tmp_path / "missing.pth")
+    with pytest.raises(ConfigError):
+        load_classifier(str(tmp_path / "no_such_folder"))
+    path = tmp_path / "squeezenet.pth"
+    torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), path)
+    clf = load_classifier("torchvision:squeezenet1_0", path)
+    assert clf.crop_size == 224 and len(clf.class_names) == 1000
+    assert torch.allclose(clf(torch.zeros(1, 3, 40, 40)).sum(), torch.tensor(1.0))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_classifier("torchvision:squeezenet1_1", path)

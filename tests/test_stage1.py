@@ -1,0 +1,181 @@
+"""Stage 1 training: the CLI's outputs, resume, 2-process DDP, optimiser groups and schedule."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, load_script
+from dreamdiffusion.config import Stage1Config, load_saved_config
+from dreamdiffusion.errors import run_cli
+from dreamdiffusion.mae import MaskedEEGAutoencoder
+from dreamdiffusion.pretrain import parameter_groups, warmup_cosine
+
+SCRIPT = REPO_ROOT / "code" / "stage1_pretrain_eeg.py"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """24 recordings of 4-10 channels and various lengths (the dataset tiles/crops them to 8 x 64)."""
+    folder = tmp_path_factory.mktemp("pretrain_eeg")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        n_channels, n_times = int(rng.integers(4, 11)), int(rng.integers(48, 160))
+        t = np.arange(n_times) / 64
+        eeg = 10 * np.sin(2 * np.pi * rng.integers(1, 4) * t + rng.uniform(0, 6, (n_channels, 1)))
+        np.save(folder / f"sub{i:02d}.npy", (eeg + rng.standard_normal(eeg.shape)).astype(np.float32))
+    return folder
+
+
+def tiny_overrides(corpus, out_dir, **extra):
+    values = {
+        "output_dir": out_dir, "data.root": corpus, "data.n_channels": 8, "data.n_times": 64,
+        "encoder.n_channels": 8, "encoder.n_times": 64, "encoder.embed_dim": 32, "encoder.depth": 2,
+        "encoder.num_heads": 4, "decoder.decoder_embed_dim": 16, "decoder.decoder_depth": 1,
+        "decoder.decoder_num_heads": 2, "batch_size": 8, "epochs": 2, "warmup_epochs": 1, "lr": 1e-3,
+        "trainer.accelerator": "cpu", "trainer.num_workers": 0, "trainer.progress_bar": False,
+        "figure_every_n_epochs": 1, "checkpoint_every_n_epochs": 1, "n_figure_samples": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def read_metrics(out_dir):
+    with open(out_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def model_weights(ckpt_path):
+    return {k: v for k, v in torch.load(ckpt_path, weights_only=False)["state_dict"].items()}
+
+
+def test_cli_writes_everything_it_promises(corpus, tmp_path):
+    from dreamdiffusion import load_eeg_encoder
+
+    out = tmp_path / "run"
+    script = load_script("stage1_pretrain_eeg")
+    script.main(tiny_overrides(corpus, out, **{"data.val_fraction": 0.25}))
+
+    cfg = load_saved_config(Stage1Config, out / "config.yaml")
+    assert cfg.encoder.embed_dim == 32 and cfg.mask_ratio == 0.75
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch_0001.ckpt", "epoch_0002.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "recon_epoch_0001.png", "recon_epoch_0002.png"]
+    assert (out / "figures" / "recon_epoch_0002.png").read_bytes()[:4] == b"\x89PNG"
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for row in rows:
+        assert float(row["loss"]) > 0 and float(row["val_loss"]) > 0 and -1 <= float(row["recon_corr"]) <= 1
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # half-cosine decay after the warm-up epoch
+
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["config"]["encoder"]["embed_dim"] == 32  # the config travels as plain data
+    encoder = load_eeg_encoder(out / "eeg_encoder")
+    from_ckpt = load_eeg_encoder(out / "checkpoints" / "last.ckpt")
+    eeg = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        assert torch.equal(encoder(eeg), from_ckpt(eeg))
+    trained = {k[len("model.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.encoder.")}
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_resume_after_two_epochs_equals_four_uninterrupted(corpus, tmp_path):
+    script = load_script("stage1_pretrain_eeg")
+    # One loader worker: it prefetches as soon as Lightning builds the first iterator, which on resume
+    # happens before the epoch counter is restored - the case that needs care.
+    common = {"epochs": 4, "figure_every_n_epochs": 0, "checkpoint_every_n_epochs": 0, "trainer.num_workers": 1}
+    script.main(tiny_overrides(corpus, tmp_path / "straight", **common))
+    script.main(tiny_overrides(corpus, tmp_path / "split", stop_after_epochs=2, **common))
+    assert [r["epoch"] for r in read_metrics(tmp_path / "split")] == ["0", "1"]
+    script.main(tiny_overrides(corpus, tmp_path / "split", resume="true", **common))
+
+    straight = model_weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    split = model_weights(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+    rows_straight, rows_split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    assert [r["epoch"] for r in rows_split] == ["0", "1", "2", "3"]
+    assert [r["loss"] for r in rows_split] == [r["loss"] for r in rows_straight]
+
+
+def test_two_process_ddp_on_cpu(corpus, tmp_path):
+    # Lightning's DDP launcher re-runs the command line, so the script runs in a subprocess.
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    cmd = [sys.executable, str(SCRIPT), *tiny_overrides(corpus, out, epochs=1, warmup_epochs=0),
+           "trainer.devices=2", "trainer.strategy=ddp"]
+    result = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "effective batch 16 (8 per device x 2 devices" in result.stdout + result.stderr
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "eeg_encoder" / "model.safetensors").is_file()
+    assert len(read_metrics(out)) == 1
+    # 24 files / (8 per device x 2 processes) = 2 optimiser steps in the one epoch
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mask_ratio=1.5", "mask_ratio must be in [0, 1)"),
+        ("encoder.n_channels=16", "encoder.n_channels (16) and data.n_channels (8) differ"),
+        ("no_such_key=1", "no_such_key"),
+        ("resume=true", "no checkpoint to resume from"),
+        ("warmup_epochs=5", "warmup_epochs must be in [0, epochs=2]"),
+        ("trainer.precision=16-mixed", "needs a GPU"),
+    ],
+)
+def test_bad_config_exits_with_code_2(corpus, tmp_path, capsys, override, message):
+    script = load_script("stage1_pretrain_eeg")
+    assert run_cli(script.main, tiny_overrides(corpus, tmp_path / "bad") + [override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_missing_corpus_exits_with_code_2(tmp_path, capsys):
+    script = load_script("stage1_pretrain_eeg")
+    assert run_cli(script.main, [f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = MaskedEEGAutoencoder(n_channels=8, n_times=64, embed_dim=32, depth=1, num_heads=4,
+                                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
+    assert not any(n.endswith(("bias", "cls_token", "mask_token")) or "norm" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_then_half_cosine():
+    factor = warmup_cosine(warmup_steps=10, total_steps=110, min_factor=0.1)
+    assert factor(0) == 0 and factor(5) == 0.5 and factor(10) == 1.0
+    assert math.isclose(factor(60), 0.1 + 0.9 * 0.5)
+    assert math.isclose(factor(110), 0.1)
+
+
+@pytest.mark.parametrize("preset", ["large", "small"])
+def test_encoder_preset_files_match_the_code(preset):
+    from dreamdiffusion.config import build_config
+    from dreamdiffusion.mae import ENCODER_PRESETS
+
+    cfg = build_config(Stage1Config, [f"configs/presets/encoder_{preset}.yaml"])
+    assert {k: cfg.encoder[k] for k in ENCODER_PRESETS[preset]} == ENCODER_PRESETS[preset]
+
+
+def test_original_code_preset_loads():
+    from dreamdiffusion.config import build_config
+
+    cfg = build_config(Stage1Config, ["configs/presets/original_code_stage1.yaml"],
+                       default_file="configs/stage1_pretrain.yaml")
+    assert (cfg.mask_ratio, cfg.batch_size, cfg.epochs, cfg.lr, cfg.grad_clip) == (0.1, 100, 500, 2.5e-4, 0.8)
