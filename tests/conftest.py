@@ -6,6 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: the test models are tiny, and with two OpenMP threads per process on a
+# 2-core machine (worse with the 2-process DDP test or any other load) torch spends its time in
+# spin-waits - one test went from 4 s to over 300 s. Set before torch is imported; subprocesses
+# inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import importlib.util
 import sys
