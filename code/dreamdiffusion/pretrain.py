@@ -437,7 +437,12 @@ def build_datasets(cfg: DictConfig):
             EEGPretrainDataset.from_config(cfg.data, files=files[:n_val]))
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], validate: bool) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
+    """The Lightning trainer of stages 1 and 2 from a stage config's `trainer`/`wandb` groups.
+
+    Checkpoints are written by the stages' own callbacks (atomically, with the config as plain
+    data), so Lightning's are off; `overrides` are the few trainer arguments a stage sets itself.
+    """
     tcfg = cfg.trainer
     logger: Any = False
     if cfg.wandb.enabled:
@@ -448,7 +453,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], 
             project=cfg.wandb.project, name=cfg.wandb.run_name, save_dir=str(out_dir),
             offline=cfg.wandb.mode == "offline", mode=cfg.wandb.mode, config=to_container(cfg),
         )
-    return pl.Trainer(
+    kwargs: dict[str, Any] = dict(
         default_root_dir=str(out_dir),
         max_epochs=cfg.epochs,
         accelerator=tcfg.accelerator,
@@ -461,14 +466,14 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], 
         gradient_clip_algorithm="norm",
         log_every_n_steps=tcfg.log_every_n_steps,
         limit_train_batches=tcfg.limit_train_batches,
-        limit_val_batches=tcfg.limit_val_batches if validate else 0,
+        limit_val_batches=tcfg.limit_val_batches,
         enable_progress_bar=tcfg.progress_bar,
-        enable_checkpointing=False,  # LastCheckpoint writes ours, atomically
-        use_distributed_sampler=False,  # PretrainData shards and shuffles itself
+        enable_checkpointing=False,
         num_sanity_val_steps=0,
         logger=logger,
         callbacks=callbacks,
     )
+    return pl.Trainer(**{**kwargs, **overrides})
 
 
 def run_pretraining(cfg: DictConfig) -> Path:
@@ -492,7 +497,11 @@ def run_pretraining(cfg: DictConfig) -> Path:
         StopAfterEpochs(cfg.stop_after_epochs),
         ExportEncoder(out_dir / "eeg_encoder"),
     ]
-    trainer = build_trainer(cfg, out_dir, callbacks, validate=val_set is not None)
+    trainer = build_trainer(
+        cfg, out_dir, callbacks,
+        limit_val_batches=cfg.trainer.limit_val_batches if val_set is not None else 0,
+        use_distributed_sampler=False,  # PretrainData shards and shuffles itself (exact resume)
+    )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
