@@ -261,3 +261,18 @@ def test_download_weights_offline_says_what_to_place_where(tmp_path, monkeypatch
     target.parent.mkdir(parents=True)
     target.write_bytes(b"weights")
     assert run_cli(download.main, ["--root", str(tmp_path), "--check", "--only", "classifier"]) == 0
+
+
+def test_retrieval_against_a_clip_of_another_width_is_refused(world, tmp_path, capsys):
+    """The CLIP head is only comparable with the CLIP it was trained against; a wrong one used to
+    crash inside a matrix product."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=24)).save_pretrained(tmp_path / "clip24")
+    out = world["root"] / "run_wrong_clip"
+    args = [*world["args"], f"output_dir={out}", f"clip_path={tmp_path / 'clip24'}", "metrics=[retrieval]"]
+    assert run_cli(stage3.main, args) == 2
+    err = capsys.readouterr().err
+    assert "retrieval" in err and "16" in err and "24" in err

@@ -566,7 +566,17 @@ def run_stage3(cfg, extra_networks: dict[str, Any] | None = None) -> dict[str, A
     if "n_way" in cfg.metrics and n_classes is not None and not cfg.top_k <= cfg.n_way <= n_classes:
         raise ConfigError(f"n_way={cfg.n_way}, top_k={cfg.top_k}: need top_k <= n_way <= the classifier's "
                           f"{n_classes} classes")
-    evaluator = Evaluator(cfg.metrics, classifier=classifier, clip_model=nets.get("clip_model"),
+    clip_model = nets.get("clip_model")
+    if "retrieval" in cfg.metrics and clip_model is not None and not cfg.class_oracle:
+        head_dim = model.conditioner.clip_head[1].out_features
+        clip_dim = getattr(getattr(clip_model, "config", None), "projection_dim", head_dim)
+        if head_dim != clip_dim:
+            raise ConfigError(
+                f"metric 'retrieval' compares the model's CLIP head ({head_dim} values) with the image "
+                f"embeddings of the CLIP at clip_path={cfg.clip_path} ({clip_dim} values): use the CLIP the "
+                "model was trained against, or drop 'retrieval' from metrics"
+            )
+    evaluator = Evaluator(cfg.metrics, classifier=classifier, clip_model=clip_model,
                           lpips=nets.get("lpips"), fid_features=nets.get("fid_features"),
                           fid_logits=nets.get("fid_logits"), n_way=cfg.n_way, top_k=cfg.top_k,
                           n_way_trials=cfg.n_way_trials, seed=cfg.seed, kid_subset_size=cfg.kid_subset_size,
