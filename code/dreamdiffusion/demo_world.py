@@ -443,7 +443,7 @@ def train_unet(cfg: DemoWorldConfig, vae, images: torch.Tensor, labels: torch.Te
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return ema.eval(), {"final_loss": float(np.mean(losses[-50:]))}
 
 
