@@ -16,10 +16,8 @@ Checkpoint selection only ever looks at the val split.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from .config import resolve_path, save_config, to_container
 from .errors import CheckpointError, ConfigError
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .model import CLIP_LOSSES, DreamDiffusion, build_model, format_table, select_trainable
-from .pretrain import EpochSeed, build_trainer
+from .pretrain import EpochMetricsCSV, EpochSeed, build_trainer, format_metric
 
 logger = logging.getLogger(__name__)
 
@@ -207,24 +205,15 @@ class Stage2Checkpoints(pl.Callback):
         self._save(trainer, "last.ckpt")
 
 
-class Stage2MetricsCSV(pl.Callback):
-    """One row per epoch in `metrics.csv`; on resume the rows of finished epochs are kept."""
+class Stage2MetricsCSV(EpochMetricsCSV):
+    """Stage 2: the train loss terms (epoch means) and the last validation's terms and top-1."""
+
+    columns = METRICS_COLUMNS
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
-        self._started = time.time()
+        super().__init__(path)
         self._val: dict[str, float] = {}
         self._val_epoch: int | None = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.rows = []
-        if self.path.is_file():
-            with self.path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.time()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -236,31 +225,18 @@ class Stage2MetricsCSV(pl.Callback):
         self._val = {name: float(metrics[name]) for name in names if name in metrics}
         self._val_epoch = trainer.current_epoch
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
         metrics = trainer.callback_metrics
         val = self._val if self._val_epoch == trainer.current_epoch else {}
-
-        def fmt(value: Any) -> str:
-            return "" if value is None else f"{float(value):.6g}"
-
-        self.rows.append({
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "train_loss": fmt(metrics.get("train/loss_epoch")),
-            "train_diffusion": fmt(metrics.get("train/diffusion_epoch")),
-            "train_clip": fmt(metrics.get("train/clip_epoch")),
-            "val_loss": fmt(val.get("val/loss")),
-            "val_diffusion": fmt(val.get("val/diffusion")),
-            "val_clip": fmt(val.get("val/clip")),
-            "val_top1": fmt(val.get("val/top1")),
-            "seconds": f"{time.time() - self._started:.2f}",
-        })
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        return {
+            "train_loss": format_metric(metrics.get("train/loss_epoch")),
+            "train_diffusion": format_metric(metrics.get("train/diffusion_epoch")),
+            "train_clip": format_metric(metrics.get("train/clip_epoch")),
+            "val_loss": format_metric(val.get("val/loss")),
+            "val_diffusion": format_metric(val.get("val/diffusion")),
+            "val_clip": format_metric(val.get("val/clip")),
+            "val_top1": format_metric(val.get("val/top1")),
+        }
 
 
 class ExportModel(pl.Callback):

@@ -240,16 +240,23 @@ class LastCheckpoint(pl.Callback):
         trainer.strategy.barrier("LastCheckpoint")
 
 
-class MetricsCSV(pl.Callback):
-    """One row per epoch in `metrics.csv` (epoch-mean loss and correlation, last lr, val loss)."""
+class EpochMetricsCSV(pl.Callback):
+    """One row per epoch in `metrics.csv`, rewritten atomically after every epoch. On resume the
+    rows of the epochs already done are kept and any written after `last.ckpt` are dropped.
+    Subclasses set `columns` and say what a row holds (`row`); epoch, step and seconds are added here.
+    """
+
+    columns: list[str] = []
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         self._started = time.time()
 
+    def row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+        raise NotImplementedError
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On resume keep the rows of the epochs already done, drop any written after last.ckpt.
         self.rows = []
         if self.path.is_file():
             with self.path.open(newline="") as f:
@@ -259,32 +266,35 @@ class MetricsCSV(pl.Callback):
         self._started = time.time()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Every rank reads the metrics: reading them runs the cross-process reduction of sync_dist.
-        metrics = dict(trainer.callback_metrics)
+        # Every rank builds the row: reading the metrics runs the cross-process reduction of sync_dist.
+        row = self.row(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-
-        def value(*names: str) -> str:
-            for name in names:
-                if name in metrics:
-                    return f"{float(metrics[name]):.6g}"
-            return ""
-
-        self.rows.append(
-            {
-                "epoch": trainer.current_epoch,
-                "step": trainer.global_step,
-                "loss": value("train/loss_epoch", "train/loss"),
-                "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}",
-                "recon_corr": value("train/recon_corr"),
-                "val_loss": value("val/loss"),
-                "seconds": f"{time.time() - self._started:.2f}",
-            }
-        )
+        self.rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **row,
+                          "seconds": f"{time.time() - self._started:.2f}"})
         with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+def format_metric(value: Any) -> str:
+    return "" if value is None else f"{float(value):.6g}"
+
+
+class MetricsCSV(EpochMetricsCSV):
+    """Stage 1: epoch-mean loss and reconstruction correlation, last lr, val loss."""
+
+    columns = METRICS_COLUMNS
+
+    def row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+        metrics = dict(trainer.callback_metrics)
+        return {
+            "loss": format_metric(metrics.get("train/loss_epoch", metrics.get("train/loss"))),
+            "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}",
+            "recon_corr": format_metric(metrics.get("train/recon_corr")),
+            "val_loss": format_metric(metrics.get("val/loss")),
+        }
 
 
 class ReconstructionFigures(pl.Callback):
