@@ -31,7 +31,7 @@ from .config import resolve_path, save_config, to_container
 from .errors import CheckpointError, ConfigError
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .model import CLIP_LOSSES, DreamDiffusion, build_model, format_table, select_trainable
-from .pretrain import EpochMetricsCSV, EpochSeed, build_trainer, format_metric
+from .pretrain import EpochMetricsCSV, EpochSeed, build_trainer, format_metric, output_paths
 
 logger = logging.getLogger(__name__)
 
@@ -321,11 +321,7 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     from .dataset import ImageNetEEGDataset
 
     check_config(cfg)
-    out_dir = resolve_path(cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if cfg.resume and not last.is_file():
-        raise ConfigError(f"resume=true but there is no checkpoint to resume from: {last}")
+    out_dir, ckpt_dir, last = output_paths(cfg)
     if model is None:
         check_pretrained_files(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -486,14 +486,21 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], 
     return pl.Trainer(**{**kwargs, **overrides})
 
 
-def run_pretraining(cfg: DictConfig) -> Path:
-    """Train the MAE as `cfg` (a `Stage1Config`) says; return the output folder."""
-    check_config(cfg)
+def output_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
+    """(output folder, its `checkpoints/`, `checkpoints/last.ckpt`) of a stage-1 or stage-2 run;
+    a ConfigError, before anything is built, when `resume=true` finds no `last.ckpt` to resume from."""
     out_dir = resolve_path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if cfg.resume and not last.is_file():
         raise ConfigError(f"resume=true but there is no checkpoint to resume from: {last}")
+    return out_dir, ckpt_dir, last
+
+
+def run_pretraining(cfg: DictConfig) -> Path:
+    """Train the MAE as `cfg` (a `Stage1Config`) says; return the output folder."""
+    check_config(cfg)
+    out_dir, ckpt_dir, last = output_paths(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set = build_datasets(cfg)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
