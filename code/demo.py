@@ -5,7 +5,9 @@
 
 1. the world (`dreamdiffusion.demo_world`, rebuilt only when missing): synthetic ImageNet-EEG in the
    real formats under datasets/demo/, tiny CLIP / Stable Diffusion / classifier under pretrains/demo/;
-2. stage 1 (`code/stage1_pretrain_eeg.py`): the EEG MAE on the unpaired corpus;
+2. stage 1 (`code/stage1_pretrain_eeg.py`): the EEG MAE on the unpaired corpus, started as soon as
+   the world has written the corpus, so it trains on the second core while the world trains its
+   stand-ins (the MAE needs a couple of thousand steps before its encoder is any use);
 3. stage 2 (`code/stage2_finetune_sd.py`), four runs: full; no_pretrain (encoder from scratch);
    no_clip (clip_weight=0); shuffled_labels (trained on a copy of the EEG file in which the
    training trials' image/label pairing is shuffled - it can learn no EEG -> image mapping);
@@ -14,8 +16,10 @@
 5. results/demo/results.md + metrics.json (n-way top-1 with its bootstrap interval, EEG->image
    retrieval) and a grid of ground truth beside generated images (results/demo/demo_grid.png,
    copied to assets/demo_grid.png).
-The stage scripts run in this process through their `main(argv)` with configs/demo/*.yaml (and
-configs/demo/quick/*.yaml for --quick), so the demo exercises exactly what a user runs.
+Every stage runs through its entry script with configs/demo/*.yaml (and configs/demo/quick/*.yaml for
+--quick), so the demo exercises exactly what a user runs: stages 1 and 2 as single-threaded
+subprocesses, two at a time (`--jobs`; their logs beside their output folders), stage 3 in this
+process through `main(argv)`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,7 +49,7 @@ CODE_DIR = Path(__file__).resolve().parent
 if str(CODE_DIR) not in sys.path:  # `python code/demo.py` from a fresh clone without `pip install -e`
     sys.path.insert(0, str(CODE_DIR))
 
-from dreamdiffusion.config import REPO_ROOT  # noqa: E402
+from dreamdiffusion.config import REPO_ROOT, Stage1Config, Stage2Config, build_config, resolve_path  # noqa: E402
 from dreamdiffusion.demo_world import DemoWorld, DemoWorldConfig, build_demo_world, write_shuffled_labels_copy  # noqa: E402
 from dreamdiffusion.errors import ConfigError, DreamDiffusionError, run_cli  # noqa: E402
 from dreamdiffusion.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -84,8 +91,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where the README's grid image is copied (default: assets, not with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--jobs", type=int, default=2,
-                        help="stage-2 runs trained at once, as separate single-threaded processes (default 2, "
-                             "one per core of a small machine; 1 = one after the other, in this process)")
+                        help="trainings run at once, as separate single-threaded processes (default 2, one per "
+                             "core of a small machine: stage 1 beside the world's stand-ins, then the stage-2 "
+                             "runs two by two; 1 = everything one after the other, in this process)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the demo's models are so small that thread "
                              "synchronisation costs more than a second core gives, and far more on a busy machine)")
@@ -102,30 +110,96 @@ def data_overrides(world: DemoWorld, eeg_path: Path | None = None) -> list[str]:
             f"data.image_dir={world.image_dir}"]
 
 
-def run_parallel(runs: dict[str, list[str]], log_dir: Path, jobs: int, timings: dict[str, float]) -> None:
-    """Run the stage-2 entry script once per run, `jobs` processes at a time, one torch thread each.
+@dataclass
+class ScriptJob:
+    """One stage script (`code/<script>.py args`) run as a single-threaded subprocess.
 
-    The runs are independent, and on a small CPU two single-threaded processes finish about twice
-    as fast as one after the other (one process with two threads gains far less on models this
-    small). Each run's output goes to `<log_dir>/<run>.log`; a failed run stops the demo.
+    Its output goes to `log`; its `metrics.csv` (one row per finished epoch, written by stages 1 and
+    2) is what the demo's progress bar counts. `output_dir` is emptied first, so rows of an earlier
+    demo run are not counted (the demo always trains from scratch).
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_DIR), os.environ.get("PYTHONPATH")]))}
 
-    def launch(run: str) -> tuple[str, int, float]:
-        start = time.perf_counter()
-        with open(log_dir / f"{run}.log", "w") as log:
-            code = subprocess.run([sys.executable, str(CODE_DIR / "stage2_finetune_sd.py"), *runs[run]],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
-        return run, code, time.perf_counter() - start
+    name: str
+    script: str
+    args: list[str]
+    output_dir: Path
+    log: Path
+    epochs: int
+    proc: subprocess.Popen | None = None
+    seconds: float | None = None
+    _ended: threading.Event = field(default_factory=threading.Event)
+    _log_file: Any = None
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for run, code, seconds in pool.map(launch, runs):
-            timings[f"stage 2 ({run})"] = round(seconds, 1)
-            if code != 0:
-                raise DreamDiffusionError(f"stage 2 ({run}) failed with exit code {code}; see {log_dir / f'{run}.log'}")
-            print(f"    stage 2 ({run}) done in {seconds:.1f} s (log: {log_dir / f'{run}.log'})", flush=True)
+    def start(self) -> None:
+        if self.output_dir.exists():
+            shutil.rmtree(self.output_dir)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_DIR), os.environ.get("PYTHONPATH")]))}
+        self._log_file = open(self.log, "w")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(CODE_DIR / f"{self.script}.py"), *self.args],
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+        def wait() -> None:  # the run's own duration, however late the demo looks at it
+            self.proc.wait()
+            self.seconds = time.perf_counter() - started
+            self._ended.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self._ended.is_set()
+
+    def check(self) -> None:
+        """A DreamDiffusionError naming the log if the process has ended with an error."""
+        if self._ended.is_set() and self.proc.returncode != 0:
+            raise DreamDiffusionError(f"{self.name} failed with exit code {self.proc.returncode}; see {self.log}")
+
+    def epochs_done(self) -> int:
+        try:
+            rows = (self.output_dir / "metrics.csv").read_text().splitlines()
+        except FileNotFoundError:
+            return 0
+        return min(max(len(rows) - 1, 0), self.epochs)
+
+    def stop(self) -> None:
+        if self.running:
+            self.proc.kill()
+            self._ended.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+def run_jobs(jobs: Sequence[ScriptJob], parallel: int, desc: str, progress: bool,
+             timings: dict[str, float], poll_s: float = 0.5) -> None:
+    """Run `jobs` (some may already be started), `parallel` at a time, with one progress bar of the
+    epochs they have finished. On the first failure (or an interrupt) the others are stopped."""
+    bar = tqdm(total=sum(j.epochs for j in jobs), desc=desc, unit="epoch", disable=not progress)
+    try:
+        while True:
+            running = [j for j in jobs if j.running]
+            for job in jobs:  # after `running`: a job that ends in between is seen next time round
+                job.check()
+            waiting = [j for j in jobs if j.proc is None]
+            for job in waiting[:max(parallel - len(running), 0)]:
+                job.start()
+                running.append(job)
+            bar.update(sum(j.epochs_done() for j in jobs) - bar.n)
+            if not running and len(waiting) == 0:
+                break
+            time.sleep(poll_s)
+    except BaseException:
+        for job in jobs:
+            job.stop()
+        raise
+    finally:
+        bar.close()
+    for job in jobs:
+        job.stop()  # closes its log
+        timings[job.name] = round(job.seconds, 1)
+        print(f"    {job.name} done in {job.seconds:.1f} s (log: {job.log})", flush=True)
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
@@ -234,10 +308,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     configs = REPO_ROOT / "configs" / "demo"
 
-    def config_files(stage: str) -> list[str]:
-        files = ["--config", str(configs / f"{stage}.yaml")]
-        return files + (["--config", str(configs / "quick" / f"{stage}.yaml")] if args.quick else [])
-
     bar_off = [] if progress else ["trainer.progress_bar=false"]
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -255,35 +325,66 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
         return _Phase()
 
-    # 1. the world
-    with phase("world"):
-        world, world_timings = build_demo_world(datasets_dir, pretrains_dir, world_cfg, progress=progress)
-        shuffled_eeg = write_shuffled_labels_copy(world, subject=4, seed=world_cfg.seed)
+    def config_files(stage: str) -> list[str]:
+        return [str(configs / f"{stage}.yaml")] + ([str(configs / "quick" / f"{stage}.yaml")] if args.quick else [])
+
+    def script_args(stage: str, overrides: list[str]) -> list[str]:
+        return [arg for f in config_files(stage) for arg in ("--config", f)] + overrides
+
+    stage1_dir = outputs_dir / "stage1"
+    stage1_overrides = [f"output_dir={stage1_dir}", f"data.root={datasets_dir / 'pretrain_eeg'}"]
+
+    def stage2_overrides(run: str, world: DemoWorld, shuffled_eeg: Path) -> list[str]:
+        eeg_path = shuffled_eeg if run == "shuffled_labels" else None
+        return [f"output_dir={outputs_dir / 'stage2' / run}", f"eeg_encoder_path={stage1_dir / 'eeg_encoder'}",
+                f"sd_path={world.sd_dir}", f"clip_path={world.clip_dir}", *data_overrides(world, eeg_path),
+                *TRAINED_RUNS[run]]
+
+    def job(stage: str, name: str, script: str, schema: type, default_file: str, overrides: list[str]) -> ScriptJob:
+        cfg = build_config(schema, config_files(stage), overrides, default_file)
+        out = resolve_path(cfg.output_dir)
+        return ScriptJob(name, script, [*script_args(stage, overrides), "trainer.progress_bar=false"], out,
+                         out.parent / f"{out.name}.log", int(cfg.epochs))
+
+    background = args.jobs > 1
+    # Stage 1 needs only the unpaired corpus, which the world writes first; with a second core it
+    # trains there while the world trains its stand-ins (minutes that would otherwise be idle).
+    stage1_job = job("stage1", "stage 1", "stage1_pretrain_eeg", Stage1Config, "configs/stage1_pretrain.yaml",
+                     stage1_overrides)
+
+    def start_stage1(_: DemoWorld) -> None:
+        print(f"[demo] stage 1 starts in the background on the second core (log: {stage1_job.log})", flush=True)
+        stage1_job.start()
+
+    # 1. the world (and, in the background, stage 1)
+    try:
+        with phase("world"):
+            world, world_timings = build_demo_world(datasets_dir, pretrains_dir, world_cfg, progress=progress,
+                                                    on_corpus_ready=start_stage1 if background else None)
+            shuffled_eeg = write_shuffled_labels_copy(world, subject=4, seed=world_cfg.seed)
+    except BaseException:
+        stage1_job.stop()
+        raise
     n_classes = world_cfg.n_classes
+    stage2, stage3 = (_load_script(n) for n in ("stage2_finetune_sd", "stage3_generate_eval"))
 
     # 2. stage 1
-    stage1, stage2, stage3 = (_load_script(n) for n in
-                              ("stage1_pretrain_eeg", "stage2_finetune_sd", "stage3_generate_eval"))
-    stage1_dir = outputs_dir / "stage1"
-    with phase("stage 1"):
-        stage1.main([*config_files("stage1"), f"output_dir={stage1_dir}", f"data.root={world.pretrain_dir}",
-                     *bar_off])
+    with phase("stage 1 (the part left after the world)" if background else "stage 1"):
+        if background:
+            run_jobs([stage1_job], 1, "stage 1", progress, timings)
+        else:
+            _load_script("stage1_pretrain_eeg").main([*script_args("stage1", stage1_overrides), *bar_off])
 
     # 3. stage 2: four runs
-    def stage2_args(run: str) -> list[str]:
-        eeg_path = shuffled_eeg if run == "shuffled_labels" else None
-        return [*config_files("stage2"), f"output_dir={outputs_dir / 'stage2' / run}",
-                f"eeg_encoder_path={stage1_dir / 'eeg_encoder'}", f"sd_path={world.sd_dir}",
-                f"clip_path={world.clip_dir}", *data_overrides(world, eeg_path), *TRAINED_RUNS[run]]
-
-    if args.jobs <= 1:
+    if background:
+        with phase(f"stage 2 ({len(TRAINED_RUNS)} runs, {args.jobs} at a time)"):
+            run_jobs([job("stage2", f"stage 2 ({run})", "stage2_finetune_sd", Stage2Config,
+                          "configs/stage2_finetune.yaml", stage2_overrides(run, world, shuffled_eeg))
+                      for run in TRAINED_RUNS], args.jobs, "stage 2", progress, timings)
+    else:
         for run in TRAINED_RUNS:
             with phase(f"stage 2 ({run})"):
-                stage2.main([*stage2_args(run), *bar_off])
-    else:
-        with phase(f"stage 2 ({len(TRAINED_RUNS)} runs, {args.jobs} at a time)"):
-            run_parallel({run: [*stage2_args(run), "trainer.progress_bar=false"] for run in TRAINED_RUNS},
-                         outputs_dir / "stage2", args.jobs, timings)
+                stage2.main([*script_args("stage2", stage2_overrides(run, world, shuffled_eeg)), *bar_off])
 
     # 4. stage 3: five runs (the test split of the real file for every model)
     reports: dict[str, dict[str, Any]] = {}
@@ -294,7 +395,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         extra = ["class_oracle=true"] if run == "class_oracle" else []
         with phase(f"stage 3 ({run})"):
             reports[run] = stage3.main([
-                *config_files("stage3"), f"output_dir={out}", f"model={model}",
+                *script_args("stage3", []), f"output_dir={out}", f"model={model}",
                 f"classifier={world.classifier_dir}", f"clip_path={world.clip_dir}",
                 f"oracle_sd_path={world.sd_dir}", f"class_names_path={world.class_names_path}",
                 *data_overrides(world), *extra])

@@ -103,3 +103,43 @@ def test_shuffled_labels_copy_breaks_only_the_training_pairing(quick_demo):
     assert any(shuffled["dataset"][p]["image"] != subject4[p]["image"] for p in train)
     for p in train:  # the EEG itself is untouched
         assert torch.equal(shuffled["dataset"][p]["eeg"], subject4[p]["eeg"])
+
+
+def test_quick_demo_trained_stage1_in_the_background(quick_demo):
+    summary, dirs = quick_demo
+    # stage 1 ran as its own process (its log beside its output folder), started during the world build
+    log = (dirs["outputs"] / "stage1.log").read_text()
+    assert "stage 1" in summary["timings_s"] and "world" in summary["timings_s"]
+    assert (dirs["outputs"] / "stage1" / "metrics.csv").read_text().count("\n") == 1 + 2  # header + 2 epochs
+    assert "Traceback" not in log
+
+
+def test_a_failing_stage_job_names_its_log_and_ends_the_phase(tmp_path):
+    demo = load_script("demo")
+    from dreamdiffusion.errors import DreamDiffusionError
+
+    later = demo.ScriptJob("later", "stage1_pretrain_eeg", [], tmp_path / "later", tmp_path / "later.log", epochs=1)
+    bad = demo.ScriptJob("bad", "stage1_pretrain_eeg", ["no_such_field=1"], tmp_path / "bad", tmp_path / "bad.log",
+                         epochs=1)
+    with pytest.raises(DreamDiffusionError, match=r"bad failed with exit code 2; see .*bad\.log"):
+        demo.run_jobs([bad, later], parallel=1, desc="test", progress=False, timings={})
+    assert "no_such_field" in (tmp_path / "bad.log").read_text()
+    assert later.proc is None  # never started: the first failure ends the phase
+
+
+def test_demo_tokenizer_is_the_same_in_every_process():
+    # tokenizers' BpeTrainer broke ties in hash order: each world build got other token ids, hence
+    # another tiny CLIP and SD (the SD's accuracy on its own class names moved from 40% to 16%)
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    code = ("from dreamdiffusion.demo_world import PROMPT, build_tokenizer_files, class_names; "
+            "words = PROMPT.format('').split() + [w for n in class_names(20) for w in n.split()]; "
+            "print(build_tokenizer_files(words))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=REPO_ROOT / "code", env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")}
+    assert len(outputs) == 1
