@@ -49,7 +49,7 @@ CODE_DIR = Path(__file__).resolve().parent
 if str(CODE_DIR) not in sys.path:  # `python code/demo.py` from a fresh clone without `pip install -e`
     sys.path.insert(0, str(CODE_DIR))
 
-from dreamdiffusion.config import REPO_ROOT, Stage1Config, Stage2Config, build_config, resolve_path  # noqa: E402
+from dreamdiffusion.config import REPO_ROOT, build_config, resolve_path  # noqa: E402
 from dreamdiffusion.demo_world import DemoWorld, DemoWorldConfig, build_demo_world, write_shuffled_labels_copy  # noqa: E402
 from dreamdiffusion.errors import ConfigError, DreamDiffusionError, run_cli  # noqa: E402
 from dreamdiffusion.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -331,8 +331,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     def script_args(stage: str, overrides: list[str]) -> list[str]:
         return [arg for f in config_files(stage) for arg in ("--config", f)] + overrides
 
+    scripts = {name: _load_script(name) for name in ("stage1_pretrain_eeg", "stage2_finetune_sd", "stage3_generate_eval")}
     stage1_dir = outputs_dir / "stage1"
-    stage1_overrides = [f"output_dir={stage1_dir}", f"data.root={datasets_dir / 'pretrain_eeg'}"]
+    stage1_overrides = [f"output_dir={stage1_dir}", f"data.root={DemoWorld(datasets_dir, pretrains_dir).pretrain_dir}"]
 
     def stage2_overrides(run: str, world: DemoWorld, shuffled_eeg: Path) -> list[str]:
         eeg_path = shuffled_eeg if run == "shuffled_labels" else None
@@ -340,8 +341,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 f"sd_path={world.sd_dir}", f"clip_path={world.clip_dir}", *data_overrides(world, eeg_path),
                 *TRAINED_RUNS[run]]
 
-    def job(stage: str, name: str, script: str, schema: type, default_file: str, overrides: list[str]) -> ScriptJob:
-        cfg = build_config(schema, config_files(stage), overrides, default_file)
+    def job(stage: str, name: str, script: str, overrides: list[str]) -> ScriptJob:
+        cfg = build_config(scripts[script].SCHEMA, config_files(stage), overrides, scripts[script].DEFAULT_CONFIG)
         out = resolve_path(cfg.output_dir)
         return ScriptJob(name, script, [*script_args(stage, overrides), "trainer.progress_bar=false"], out,
                          out.parent / f"{out.name}.log", int(cfg.epochs))
@@ -349,8 +350,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     background = args.jobs > 1
     # Stage 1 needs only the unpaired corpus, which the world writes first; with a second core it
     # trains there while the world trains its stand-ins (minutes that would otherwise be idle).
-    stage1_job = job("stage1", "stage 1", "stage1_pretrain_eeg", Stage1Config, "configs/stage1_pretrain.yaml",
-                     stage1_overrides)
+    stage1_job = job("stage1", "stage 1", "stage1_pretrain_eeg", stage1_overrides)
 
     def start_stage1(_: DemoWorld) -> None:
         print(f"[demo] stage 1 starts in the background on the second core (log: {stage1_job.log})", flush=True)
@@ -366,25 +366,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         stage1_job.stop()
         raise
     n_classes = world_cfg.n_classes
-    stage2, stage3 = (_load_script(n) for n in ("stage2_finetune_sd", "stage3_generate_eval"))
 
     # 2. stage 1
     with phase("stage 1 (the part left after the world)" if background else "stage 1"):
         if background:
             run_jobs([stage1_job], 1, "stage 1", progress, timings)
         else:
-            _load_script("stage1_pretrain_eeg").main([*script_args("stage1", stage1_overrides), *bar_off])
+            scripts["stage1_pretrain_eeg"].main([*script_args("stage1", stage1_overrides), *bar_off])
 
     # 3. stage 2: four runs
     if background:
         with phase(f"stage 2 ({len(TRAINED_RUNS)} runs, {args.jobs} at a time)"):
-            run_jobs([job("stage2", f"stage 2 ({run})", "stage2_finetune_sd", Stage2Config,
-                          "configs/stage2_finetune.yaml", stage2_overrides(run, world, shuffled_eeg))
+            run_jobs([job("stage2", f"stage 2 ({run})", "stage2_finetune_sd", stage2_overrides(run, world, shuffled_eeg))
                       for run in TRAINED_RUNS], args.jobs, "stage 2", progress, timings)
     else:
         for run in TRAINED_RUNS:
             with phase(f"stage 2 ({run})"):
-                stage2.main([*script_args("stage2", stage2_overrides(run, world, shuffled_eeg)), *bar_off])
+                scripts["stage2_finetune_sd"].main([*script_args("stage2", stage2_overrides(run, world, shuffled_eeg)),
+                                                    *bar_off])
 
     # 4. stage 3: five runs (the test split of the real file for every model)
     reports: dict[str, dict[str, Any]] = {}
@@ -394,7 +393,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         model = outputs_dir / "stage2" / ("full" if run == "class_oracle" else run) / "model"
         extra = ["class_oracle=true"] if run == "class_oracle" else []
         with phase(f"stage 3 ({run})"):
-            reports[run] = stage3.main([
+            reports[run] = scripts["stage3_generate_eval"].main([
                 *script_args("stage3", []), f"output_dir={out}", f"model={model}",
                 f"classifier={world.classifier_dir}", f"clip_path={world.clip_dir}",
                 f"oracle_sd_path={world.sd_dir}", f"class_names_path={world.class_names_path}",

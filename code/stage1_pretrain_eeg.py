@@ -15,9 +15,12 @@ from dreamdiffusion.config import Stage1Config, parse_args
 from dreamdiffusion.errors import run_cli
 from dreamdiffusion.pretrain import run_pretraining
 
+# The config schema and its defaults file (merged before any --config file); demo.py reads them too.
+SCHEMA, DEFAULT_CONFIG = Stage1Config, "configs/stage1_pretrain.yaml"
+
 
 def main(argv=None):
-    cfg = parse_args(Stage1Config, argv, default_file="configs/stage1_pretrain.yaml",
+    cfg = parse_args(SCHEMA, argv, default_file=DEFAULT_CONFIG,
                      description=__doc__.splitlines()[0], prog="stage1_pretrain_eeg.py")
     if cfg is None:
         return None

@@ -16,9 +16,12 @@ from dreamdiffusion.config import Stage2Config, parse_args
 from dreamdiffusion.errors import run_cli
 from dreamdiffusion.finetune import run_finetuning
 
+# The config schema and its defaults file (merged before any --config file); demo.py reads them too.
+SCHEMA, DEFAULT_CONFIG = Stage2Config, "configs/stage2_finetune.yaml"
+
 
 def main(argv=None):
-    cfg = parse_args(Stage2Config, argv, default_file="configs/stage2_finetune.yaml",
+    cfg = parse_args(SCHEMA, argv, default_file=DEFAULT_CONFIG,
                      description=__doc__.splitlines()[0], prog="stage2_finetune_sd.py")
     if cfg is None:
         return None
