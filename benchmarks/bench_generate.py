@@ -39,7 +39,7 @@ ENCODERS = {
 
 
 def build(config_dir: str, image_size: int, encoder: str, device, dtype) -> DreamDiffusion:
-    unet_config, vae_config, scheduler_config = read_sd15_configs(resolve_path(config_dir))
+    unet_config, vae_config, scheduler_config = read_sd15_configs(resolve_path(config_dir) if config_dir else None)
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     if image_size % factor:
         raise SystemExit(f"--image-size must be a multiple of the VAE factor {factor}")
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--sd-config-dir", default="configs/sd15")
+    parser.add_argument("--sd-config-dir", default=None, help="default: SD1.5's configs (package data)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--encoder", choices=sorted(ENCODERS), default="large")
     parser.add_argument("--n-trials", type=int, default=1, help="EEG trials per pipeline call")

@@ -1,6 +1,6 @@
 """Seconds per stage-2 training step and peak memory at full SD1.5 size, with random weights.
 
-Builds the real architecture - SD1.5's UNet and VAE from configs/sd15, CLIP ViT-L/14's vision tower
+Builds the real architecture - SD1.5's UNet and VAE from the package's SD1.5 configs, CLIP ViT-L/14's vision tower
 from its config, the paper's `large` EEG encoder - so no download is needed, then times
 `training_losses` + backward + AdamW step on the parameters `select_trainable` picks.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.config import REPO_ROOT
+from dreamdiffusion.clip_embedder import TransformersCLIP
 from dreamdiffusion.mae import EEGEncoder
 from dreamdiffusion.model import DreamDiffusion, select_trainable, time_cond_overrides
 from dreamdiffusion.sd15 import build_sd15, read_sd15_configs
@@ -38,8 +38,8 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def build(device: str, gradient_checkpointing: bool) -> DreamDiffusion:
-    sd = build_sd15(*read_sd15_configs(REPO_ROOT / "configs" / "sd15"), unet_overrides=time_cond_overrides())
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14)).eval()
+    sd = build_sd15(*read_sd15_configs(), unet_overrides=time_cond_overrides())
+    clip = TransformersCLIP.from_model(CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14)).eval())
     model = DreamDiffusion.build(EEGEncoder(**ENCODER_LARGE), sd, clip_encoder=clip)
     if gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

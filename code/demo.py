@@ -25,7 +25,7 @@ process through `main(argv)`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -49,10 +49,11 @@ CODE_DIR = Path(__file__).resolve().parent
 if str(CODE_DIR) not in sys.path:  # `python code/demo.py` from a fresh clone without `pip install -e`
     sys.path.insert(0, str(CODE_DIR))
 
-from dreamdiffusion.config import REPO_ROOT, build_config, resolve_path  # noqa: E402
+from dreamdiffusion.config import REPO_ROOT, resolve_path  # noqa: E402
 from dreamdiffusion.demo_world import DemoWorld, DemoWorldConfig, build_demo_world, write_shuffled_labels_copy  # noqa: E402
 from dreamdiffusion.errors import ConfigError, DreamDiffusionError, run_cli  # noqa: E402
 from dreamdiffusion.io import atomic_write_json, atomic_write_text  # noqa: E402
+from dreamdiffusion.stages import STAGES  # noqa: E402
 
 transformers_logging = importlib.import_module("transformers.utils.logging")
 
@@ -70,14 +71,6 @@ RUN_LABELS = {
     "shuffled_labels": "control: trained on shuffled EEG-image pairs",
     "class_oracle": "control: class-name oracle (base SD on \"a photo of a <class>\")",
 }
-
-
-def _load_script(name: str):
-    """Import code/<name>.py (a stage script, not part of the package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"_demo_{name}", CODE_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,7 +105,7 @@ def data_overrides(world: DemoWorld, eeg_path: Path | None = None) -> list[str]:
 
 @dataclass
 class ScriptJob:
-    """One stage script (`code/<script>.py args`) run as a single-threaded subprocess.
+    """One stage's script (`STAGES[stage].script args`) run as a single-threaded subprocess.
 
     Its output goes to `log`; its `metrics.csv` (one row per finished epoch, written by stages 1 and
     2) is what the demo's progress bar counts. `output_dir` is emptied first, so rows of an earlier
@@ -120,7 +113,7 @@ class ScriptJob:
     """
 
     name: str
-    script: str
+    stage: str
     args: list[str]
     output_dir: Path
     log: Path
@@ -138,7 +131,7 @@ class ScriptJob:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_DIR), os.environ.get("PYTHONPATH")]))}
         self._log_file = open(self.log, "w")
         started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(CODE_DIR / f"{self.script}.py"), *self.args],
+        self.proc = subprocess.Popen([sys.executable, str(STAGES[self.stage].script_path), *self.args],
                                      stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
         def wait() -> None:  # the run's own duration, however late the demo looks at it
@@ -255,7 +248,9 @@ def make_grid(stage3_dir: Path, out_path: Path, n_rows: int = 8, upscale: int = 
     """Ground truth (first column) beside the generated samples of `n_rows` test trials of distinct
     classes, from stage 3's images/test{i}-{k}.png, enlarged `upscale` times (nearest neighbour)."""
     import numpy as np
+    import torch
     from PIL import Image
+    from torchvision.utils import make_grid as tile
 
     report = json.loads((stage3_dir / "metrics.json").read_text())
     rows, seen = [], set()
@@ -268,14 +263,8 @@ def make_grid(stage3_dir: Path, out_path: Path, n_rows: int = 8, upscale: int = 
         rows.append([np.asarray(Image.open(p).convert("RGB")) for p in slot_files])
         if len(rows) == n_rows:
             break
-    h, w = rows[0][0].shape[:2]
-    pad, gap = 2, 6  # a wider gap after the ground-truth column
-    n_cols = len(rows[0])
-    grid = np.full((len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad + gap, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            top, left = pad + r * (h + pad), pad + c * (w + pad) + (gap if c else 0)
-            grid[top:top + h, left:left + w] = image
+    tiles = torch.from_numpy(np.stack([image for row in rows for image in row])).permute(0, 3, 1, 2)
+    grid = tile(tiles, nrow=len(rows[0]), padding=2, pad_value=255).permute(1, 2, 0).numpy()
     img = Image.fromarray(grid)
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +320,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     def script_args(stage: str, overrides: list[str]) -> list[str]:
         return [arg for f in config_files(stage) for arg in ("--config", f)] + overrides
 
-    scripts = {name: _load_script(name) for name in ("stage1_pretrain_eeg", "stage2_finetune_sd", "stage3_generate_eval")}
     stage1_dir = outputs_dir / "stage1"
     stage1_overrides = [f"output_dir={stage1_dir}", f"data.root={DemoWorld(datasets_dir, pretrains_dir).pretrain_dir}"]
 
@@ -341,16 +329,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 f"sd_path={world.sd_dir}", f"clip_path={world.clip_dir}", *data_overrides(world, eeg_path),
                 *TRAINED_RUNS[run]]
 
-    def job(stage: str, name: str, script: str, overrides: list[str]) -> ScriptJob:
-        cfg = build_config(scripts[script].SCHEMA, config_files(stage), overrides, scripts[script].DEFAULT_CONFIG)
+    def job(stage: str, name: str, overrides: list[str]) -> ScriptJob:
+        cfg = STAGES[stage].build_config(config_files(stage), overrides)
         out = resolve_path(cfg.output_dir)
-        return ScriptJob(name, script, [*script_args(stage, overrides), "trainer.progress_bar=false"], out,
+        return ScriptJob(name, stage, [*script_args(stage, overrides), "trainer.progress_bar=false"], out,
                          out.parent / f"{out.name}.log", int(cfg.epochs))
 
     background = args.jobs > 1
     # Stage 1 needs only the unpaired corpus, which the world writes first; with a second core it
     # trains there while the world trains its stand-ins (minutes that would otherwise be idle).
-    stage1_job = job("stage1", "stage 1", "stage1_pretrain_eeg", stage1_overrides)
+    stage1_job = job("stage1", "stage 1", stage1_overrides)
 
     def start_stage1(_: DemoWorld) -> None:
         print(f"[demo] stage 1 starts in the background on the second core (log: {stage1_job.log})", flush=True)
@@ -372,18 +360,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if background:
             run_jobs([stage1_job], 1, "stage 1", progress, timings)
         else:
-            scripts["stage1_pretrain_eeg"].main([*script_args("stage1", stage1_overrides), *bar_off])
+            STAGES["stage1"].main([*script_args("stage1", stage1_overrides), *bar_off])
 
     # 3. stage 2: four runs
     if background:
         with phase(f"stage 2 ({len(TRAINED_RUNS)} runs, {args.jobs} at a time)"):
-            run_jobs([job("stage2", f"stage 2 ({run})", "stage2_finetune_sd", stage2_overrides(run, world, shuffled_eeg))
+            run_jobs([job("stage2", f"stage 2 ({run})", stage2_overrides(run, world, shuffled_eeg))
                       for run in TRAINED_RUNS], args.jobs, "stage 2", progress, timings)
     else:
         for run in TRAINED_RUNS:
             with phase(f"stage 2 ({run})"):
-                scripts["stage2_finetune_sd"].main([*script_args("stage2", stage2_overrides(run, world, shuffled_eeg)),
-                                                    *bar_off])
+                STAGES["stage2"].main([*script_args("stage2", stage2_overrides(run, world, shuffled_eeg)), *bar_off])
 
     # 4. stage 3: five runs (the test split of the real file for every model)
     reports: dict[str, dict[str, Any]] = {}
@@ -393,11 +380,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         model = outputs_dir / "stage2" / ("full" if run == "class_oracle" else run) / "model"
         extra = ["class_oracle=true"] if run == "class_oracle" else []
         with phase(f"stage 3 ({run})"):
-            reports[run] = scripts["stage3_generate_eval"].main([
+            reports[run] = STAGES["stage3"].main([
                 *script_args("stage3", []), f"output_dir={out}", f"model={model}",
                 f"classifier={world.classifier_dir}", f"clip_path={world.clip_dir}",
                 f"oracle_sd_path={world.sd_dir}", f"class_names_path={world.class_names_path}",
-                *data_overrides(world), *extra])
+                *data_overrides(world), *extra, *([] if progress else ["progress_bar=false"])])
         stage3_outputs[run] = str(out / "metrics.json")
 
     # 5. results

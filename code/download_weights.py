@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import is_offline_mode
+
 from dreamdiffusion.config import REPO_ROOT
 from dreamdiffusion.errors import CheckpointError, ConfigError, run_cli
 from dreamdiffusion.io import atomic_write_json
@@ -76,10 +78,6 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _local_files(w: Weight, root: Path) -> list[Path]:
@@ -168,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"missing or mismatched weights: {', '.join(bad)} (see the instructions above)")
         return 0
-    if _offline():
+    if is_offline_mode():
         print("Offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set): nothing is downloaded.")
         bad = check(keys, root)
         if bad:

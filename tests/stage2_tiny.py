@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.config import REPO_ROOT
+from dreamdiffusion.clip_embedder import TransformersCLIP
 from dreamdiffusion.mae import EEGEncoder
 from dreamdiffusion.model import DreamDiffusion, time_cond_overrides
 from dreamdiffusion.sd15 import SD15Components, read_sd15_configs
@@ -34,7 +34,7 @@ def tiny_sd_configs(time_cond: bool = True) -> tuple[dict, dict, dict]:
             sample_size=IMAGE_SIZE,
         )).config
     )
-    _, _, scheduler = read_sd15_configs(REPO_ROOT / "configs" / "sd15")  # SD1.5's own noise schedule
+    _, _, scheduler = read_sd15_configs()  # SD1.5's own noise schedule (the package's configs)
     drop = "_use_default_values"  # diffusers would reset those keys (and our overrides) to defaults
     return {k: v for k, v in unet.items() if k != drop}, {k: v for k, v in vae.items() if k != drop}, scheduler
 
@@ -60,11 +60,17 @@ def tiny_sd(seed: int = 0, time_cond: bool = True) -> SD15Components:
     return SD15Components(unet, vae, DDPMScheduler.from_config(scheduler_config))
 
 
-def tiny_clip(seed: int = 0) -> CLIPVisionModelWithProjection:
+def tiny_clip_model(seed: int = 0) -> CLIPVisionModelWithProjection:
+    """A tiny transformers CLIP vision tower (what a CLIP folder holds)."""
     torch.manual_seed(seed)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                               image_size=CLIP_IMAGE_SIZE, patch_size=8, projection_dim=16)
     return CLIPVisionModelWithProjection(config).eval()
+
+
+def tiny_clip(seed: int = 0) -> TransformersCLIP:
+    """The tiny CLIP as the project loads it: an ImageEmbedder with CLIP's own preprocessing."""
+    return TransformersCLIP.from_model(tiny_clip_model(seed))
 
 
 def tiny_encoder(seed: int = 0) -> EEGEncoder:

@@ -23,7 +23,6 @@ from dreamdiffusion.dataset import (
     CLIP_STD,
     EEGPretrainDataset,
     ImageNetEEGDataset,
-    clip_preprocess,
     load_image,
     main,
 )
@@ -128,15 +127,20 @@ def test_images_and_clip_inputs(synthetic_imagenet_eeg):
     assert torch.equal(load_image(ds.image_path(0), 32), ds[0]["image"])
 
 
-@pytest.mark.parametrize("size", [(50, 30), (30, 50), (41, 41)])
-def test_clip_preprocess_non_square(size):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def test_clip_inputs_come_from_the_alignment_targets_own_preprocessing(synthetic_imagenet_eeg):
+    """An OpenCLIP-style target brings its own transform: the dataset applies it to the original file."""
+    paths = synthetic_imagenet_eeg
+    seen = []
 
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    want = processor(images=img, return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(clip_preprocess(img, 16), want, atol=1e-5, rtol=0)
+    def transform(img):
+        seen.append(img.size)
+        return torch.full((3, 7, 7), float(len(seen)))
+
+    ds = ImageNetEEGDataset(paths["eeg_path"], paths["splits_path"], paths["image_dir"], split="test", subject=1,
+                            image_size=16, clip_transform=transform)
+    item = ds[0]
+    assert torch.equal(item["clip_pixel_values"], torch.full((3, 7, 7), 1.0))
+    assert seen == [(32, 32)]  # the original 32 px file, not the 16 px training image
 
 
 def test_augmentation_is_a_random_crop_resized_back(synthetic_imagenet_eeg):

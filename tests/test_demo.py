@@ -118,8 +118,8 @@ def test_a_failing_stage_job_names_its_log_and_ends_the_phase(tmp_path):
     demo = load_script("demo")
     from dreamdiffusion.errors import DreamDiffusionError
 
-    later = demo.ScriptJob("later", "stage1_pretrain_eeg", [], tmp_path / "later", tmp_path / "later.log", epochs=1)
-    bad = demo.ScriptJob("bad", "stage1_pretrain_eeg", ["no_such_field=1"], tmp_path / "bad", tmp_path / "bad.log",
+    later = demo.ScriptJob("later", "stage1", [], tmp_path / "later", tmp_path / "later.log", epochs=1)
+    bad = demo.ScriptJob("bad", "stage1", ["no_such_field=1"], tmp_path / "bad", tmp_path / "bad.log",
                          epochs=1)
     with pytest.raises(DreamDiffusionError, match=r"bad failed with exit code 2; see .*bad\.log"):
         demo.run_jobs([bad, later], parallel=1, desc="test", progress=False, timings={})

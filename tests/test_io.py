@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.io import PickledObject, atomic_path, pickled_attrs, safe_torch_load
+from dreamdiffusion.io import PickledObject, atomic_path, safe_torch_load
+from dreamdiffusion.original import pickled_attrs
 
 
 def _fake_module_class(module_name, class_name, attrs):

@@ -127,6 +127,21 @@ def test_bootstrap_and_summary():
     assert bootstrap_ci(values[:1], lambda v: v.mean()) == (values[0].mean(),) * 2
 
 
+def test_best_slot_follows_the_metrics_direction():
+    """For MSE (lower is better) the best slot is the lowest per-slot mean, not the highest."""
+    errors = np.array([[0.30, 0.10, 0.50], [0.20, 0.12, 0.40]])  # slot 1 is best, slot 2 worst
+    s = summarize(errors, n_bootstrap=50, lower_is_better=True)
+    assert s["best_slot_index"] == 1 and s["best_slot"] == pytest.approx(0.11)
+    assert s["worst_slot"] == pytest.approx(0.45) and s["lower_is_better"] is True
+    low, high = s["best_slot_ci95"]
+    assert low <= 0.11 <= high and high < 0.3  # the interval is of the minimum, not the maximum
+    accuracy = summarize(1 - errors, n_bootstrap=50)
+    assert accuracy["best_slot_index"] == 1 and accuracy["best_slot"] == pytest.approx(0.89)
+    from dreamdiffusion.metrics import LOWER_IS_BETTER
+
+    assert {"mse", "lpips", "fid", "kid"} == LOWER_IS_BETTER
+
+
 def test_retrieval_accuracy_exact():
     images = torch.eye(4)
     # trial 0's EEG embedding sits on its own image; trial 1's is closer to image 2 than to its own
@@ -161,40 +176,79 @@ def test_fid_is_kid_with_a_custom_feature_network():
     assert same["n_generated"] == same["n_reference"] == 12
 
 
-def test_lpips_from_a_local_alexnet_file(tmp_path):
+def test_lpips_is_torchmetrics_public_metric_on_a_local_alexnet(tmp_path):
     import torchvision
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     path = tmp_path / "alexnet.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
     lpips = LPIPS(path)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
-    assert (lpips(x, -x) > 0).all()
+    ours = lpips(x, y)
+    # the library's own metric, loading the same AlexNet file from torch.hub's cache itself
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(path.read_bytes())
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    finally:
+        torch.hub.set_dir(previous)
+    for i in range(2):
+        assert float(ours[i]) == pytest.approx(float(reference(x[i:i + 1], y[i:i + 1])), rel=1e-5)
+        reference.reset()
     with pytest.raises(CheckpointError):
         LPIPS(tmp_path / "missing.pth")
 
 
-def test_local_classifier_folder_roundtrip(tmp_path):
+def _images(n, size=(32, 32), seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_local_classifier_folder_uses_timms_transform(tmp_path):
+    from timm.data import create_transform
+
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=7, img_size=32).eval()
     save_local_classifier(model, tmp_path / "clf", "test_vit", {"num_classes": 7, "img_size": 32}, 32,
                           [0.5] * 3, [0.5] * 3, [f"class {i}" for i in range(7)])
     classifier = load_classifier(str(tmp_path / "clf"))
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
-    probs = classifier(images)
-    # at the native size the preprocessing is exactly (x + 1) / 2 then (. - 0.5) / 0.5 = x
+    images = _images(3) + _images(2, size=(50, 70), seed=1)
+    transform = create_transform(input_size=(3, 32, 32), interpolation="bicubic", crop_pct=1.0,
+                                 mean=(0.5,) * 3, std=(0.5,) * 3, is_training=False)
     with torch.no_grad():
-        expected = model(images).softmax(-1)
-    assert torch.allclose(probs, expected, atol=1e-5)
-    assert classifier(torch.rand(2, 3, 50, 70) * 2 - 1).shape == (2, 7)  # any size in
-    assert classifier.class_names[3] == "class 3"
+        expected = model(torch.stack([transform(img) for img in images])).softmax(-1)
+    assert torch.allclose(classifier.classify(images), expected, atol=1e-6)
+    assert classifier.class_names[3] == "class 3" and classifier.n_classes == 7
+
+
+def test_timm_spec_uses_its_resolved_data_config(tmp_path):
+    from timm.data import create_transform, resolve_data_config
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet").eval()  # timm:<name> builds the default (ImageNet) head
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    classifier = load_classifier("timm:test_resnet", tmp_path / "w.safetensors")
+    assert classifier.n_classes == model.num_classes
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    images = _images(2, size=(60, 40))
+    with torch.no_grad():
+        expected = model(torch.stack([transform(img) for img in images])).softmax(-1)
+    assert torch.allclose(classifier.classify(images), expected, atol=1e-6)
 
 
 def test_classifier_specs(tmp_path, monkeypatch):
     import torchvision
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="vit_h_14_swag"):
         load_classifier("torchvision:vit_h_14")  # offline, no file
     with pytest.raises(CheckpointError, match="not found"):
@@ -202,9 +256,24 @@ def test_classifier_specs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError):
         load_classifier(str(tmp_path / "no_such_folder"))
     path = tmp_path / "squeezenet.pth"
-    torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), path)
+    torch.manual_seed(0)
+    network = torchvision.models.squeezenet1_0(weights=None).eval()
+    torch.save(network.state_dict(), path)
     clf = load_classifier("torchvision:squeezenet1_0", path)
-    assert clf.crop_size == 224 and len(clf.class_names) == 1000
-    assert torch.allclose(clf(torch.zeros(1, 3, 40, 40)).sum(), torch.tensor(1.0))
+    assert len(clf.class_names) == 1000
+    # torchvision's own preprocessing of its weights (weights.transforms()), on PIL images of any size
+    transform = torchvision.models.SqueezeNet1_0_Weights.DEFAULT.transforms()
+    images = _images(2, size=(300, 260))
+    with torch.no_grad():
+        expected = network(torch.stack([transform(img) for img in images])).softmax(-1)
+    assert torch.allclose(clf.classify(images), expected, atol=1e-6)
     with pytest.raises(CheckpointError, match="do not match"):
         load_classifier("torchvision:squeezenet1_1", path)
+
+
+def test_vit_h_14_is_the_swag_end_to_end_weights_at_518():
+    from dreamdiffusion.classifier import torchvision_weights
+
+    weights = torchvision_weights("vit_h_14")
+    assert weights.name == "IMAGENET1K_SWAG_E2E_V1"
+    assert weights.transforms().crop_size == [518] and weights.meta["min_size"] == (518, 518)

@@ -11,7 +11,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from dreamdiffusion.errors import CheckpointError
 from dreamdiffusion.model import DreamDiffusion, EEGCondition, select_trainable
-from dreamdiffusion.sd15 import compvis_key_map
+from dreamdiffusion.original import write_generation_checkpoint
 from stage2_tiny import (
     IMAGE_SIZE,
     tiny_batch,
@@ -102,7 +102,7 @@ def test_shapes_follow_the_configs():
     condition = model.encode_eeg(tiny_batch(2)["eeg"])
     assert condition.context.shape == (2, 77, model.unet.config.cross_attention_dim)
     assert condition.time_embedding.shape == (2, 4 * model.unet.config.block_out_channels[0])
-    assert condition.clip_embedding.shape == (2, model.clip_encoder.config.projection_dim)
+    assert condition.clip_embedding.shape == (2, model.clip_encoder.projection_dim)
     assert model.vae_scale_factor * model.latent_size == IMAGE_SIZE
     latents = model.encode_images(tiny_batch(2)["image"])
     assert latents.shape == (2, model.latent_channels, model.latent_size, model.latent_size)
@@ -135,53 +135,12 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def _authors_checkpoint(tmp_path, model, extra_keys=None):
-    """Their LatentDiffusion state dict (key names of code/dc_ldm) and a pickled config object of
-    class config.Config_Generative_Model, from a module that is gone when the file is read."""
-    state = {}
-    unet_vae = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict()}
-    for ours, ldm in compvis_key_map(model.unet, model.vae).items():
-        group, _, key = ours.partition(".")
-        t = unet_vae[group][key]
-        if ".mid.attn_1." in ldm and ldm.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
-            t = t[:, :, None, None]
-        state[ldm] = t.clone()
-    cond = model.conditioner
-    for k, v in cond.encoder.state_dict().items():
-        state[f"cond_stage_model.mae.{k}"] = v.clone()
-    for k, v in cond.channel_mapper.state_dict().items():
-        state[f"cond_stage_model.channel_mapper.{k}"] = v.clone()
-    for k, v in cond.dim_mapper.state_dict().items():
-        state[f"cond_stage_model.dim_mapper.{k}"] = v.clone()
-    for (theirs, ours) in (("maxpool", cond.clip_head[0]), ("fc", cond.clip_head[1])):
-        for k, v in ours.state_dict().items():
-            state[f"cond_stage_model.mapping.{theirs}.{k}"] = v.clone()
-    for k, v in cond.time_cond.state_dict().items():
-        state[f"model.diffusion_model.time_embed_condtion.{k}"] = v.clone()
-    # parts we skip: their frozen CLIP image embedder, schedule buffers, the EMA counter
-    state["image_embedder.transformer.vision_model.post_layernorm.weight"] = torch.ones(4)
-    state["betas"] = torch.linspace(1e-4, 2e-2, 1000)
-    state["model_ema.num_updates"] = torch.tensor(0)
-    state.update(extra_keys or {})
-
-    fake = types.ModuleType("config")
-
-    class Config_Generative_Model:  # noqa: N801 - their class name
-        def __init__(self):
-            enc = cond.encoder.config
-            self.patch_size, self.embed_dim, self.depth = enc["patch_size"], enc["embed_dim"], enc["depth"]
-            self.num_heads, self.mlp_ratio = enc["num_heads"], enc["mlp_ratio"]
-            self.global_pool, self.use_time_cond, self.clip_tune, self.img_size = False, True, True, IMAGE_SIZE
-
-    Config_Generative_Model.__module__ = "config"
-    Config_Generative_Model.__qualname__ = "Config_Generative_Model"
-    fake.Config_Generative_Model = Config_Generative_Model
-    sys.modules["config"] = fake
-    try:
-        path = tmp_path / "checkpoint.pth"
-        torch.save({"model_state_dict": state, "config": Config_Generative_Model(), "state": torch.get_rng_state()}, path)
-    finally:
-        del sys.modules["config"]
-    return path
+    """Their LatentDiffusion state dict (key names of code/dc_ldm), their pickled
+    config.Config_Generative_Model, and parts we skip (their CLIP image embedder, schedule buffers,
+    the EMA counter); the class's module is gone when the file is read."""
+    extra = {"image_embedder.transformer.vision_model.post_layernorm.weight": torch.ones(4),
+             "betas": torch.linspace(1e-4, 2e-2, 1000), "model_ema.num_updates": torch.tensor(0), **(extra_keys or {})}
+    return write_generation_checkpoint(model, tmp_path / "checkpoint.pth", extra=extra)
 
 
 def _reference_eps(model, latents, timesteps, eeg):

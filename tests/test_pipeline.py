@@ -44,8 +44,90 @@ def test_same_seed_same_images_and_batch_independence(pipe, eeg):
 
 @pytest.mark.parametrize("sampler", ["plms", "ddim", "dpm++"])
 def test_samplers_run_and_differ_from_the_noise(pipe, eeg, sampler):
-    out = pipe(eeg[:1], num_images_per_eeg=1, num_inference_steps=3, sampler=sampler, generator=_gens(1)).images
+    model = pipe.model
+    noise = torch.randn(1, model.latent_channels, model.latent_size, model.latent_size,
+                        generator=torch.Generator().manual_seed(9))
+    kwargs = dict(num_images_per_eeg=1, sampler=sampler, latents=noise)
+    out = pipe(eeg[:1], num_inference_steps=3, **kwargs).images
     assert out.shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(out).all()
+    # denoising moved the latents away from the initial noise, and the image is what they decode to
+    final = pipe(eeg[:1], num_inference_steps=3, output_type="latent", **kwargs).images[:, 0]
+    assert final.shape == noise.shape and (final - noise).abs().mean() > 0.1
+    with torch.no_grad():
+        decoded = model.decode_latents(final).clamp(-1, 1)
+        assert torch.allclose(out[:, 0], decoded, atol=1e-5)
+        assert not torch.allclose(out[:, 0], model.decode_latents(noise).clamp(-1, 1), atol=0.05)
+    # more steps are not the same computation
+    assert not torch.allclose(out, pipe(eeg[:1], num_inference_steps=4, **kwargs).images)
+
+
+def test_given_latents_replace_the_seeded_noise(pipe, eeg):
+    """`latents=` as in diffusers: the same initial noise gives the same images, whatever the generator."""
+    model = pipe.model
+    noise = torch.randn(2 * 2, model.latent_channels, model.latent_size, model.latent_size,
+                        generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_images_per_eeg=2, num_inference_steps=2)
+    a = pipe(eeg[:2], latents=noise, generator=_gens(1, 2), **kwargs).images
+    b = pipe(eeg[:2], latents=noise, generator=_gens(5, 6), **kwargs).images
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, pipe(eeg[:2], generator=_gens(1, 2), **kwargs).images)
+
+
+def _ldm_plms(eps, x, alphas_cumprod, steps):
+    """LDM's PLMSSampler (ddim_eta 0), written out: a pseudo improved-Euler first step (two UNet
+    calls), then the 2-, 3- and 4-step Adams-Bashforth combinations of the eps history; timesteps
+    1, 1 + 1000/S, ...; alpha_prev of the last step = alphas_cumprod[0]. Float64."""
+    ts = np.arange(0, 1000, 1000 // steps) + 1
+    alphas = alphas_cumprod[ts].double()
+    alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ts[:-1]]]).double()
+
+    def update(x, e, idx):  # the DDIM (eta 0) step from alphas[idx] to alphas_prev[idx]
+        pred_x0 = (x - (1 - alphas[idx]).sqrt() * e) / alphas[idx].sqrt()
+        return alphas_prev[idx].sqrt() * pred_x0 + (1 - alphas_prev[idx]).sqrt() * e
+
+    x, old, calls = x.double(), [], 0
+    time_range = ts[::-1]
+    for i, t in enumerate(time_range):
+        idx = len(ts) - 1 - i
+        e_t = eps(x, t)
+        calls += 1
+        if not old:
+            e_next = eps(update(x, e_t, idx), time_range[min(i + 1, len(ts) - 1)])
+            calls += 1
+            e_prime = (e_t + e_next) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = update(x, e_prime, idx)
+        old.append(e_t)
+    return x, calls
+
+
+def test_plms_is_ldm_plms(pipe, eeg):
+    """diffusers' PNDM with skip_prk_steps (our "plms") against LDM's update equations on a tiny UNet:
+    the same S + 1 UNet calls and the same latents after 10 steps."""
+    model = pipe.model
+    condition = model.encode_eeg(eeg[:2])
+    calls = []
+
+    def eps(x, t):
+        calls.append(int(t))
+        with torch.no_grad():
+            return model.denoise(x.float(), torch.full((len(x),), int(t)), condition).double()
+
+    noise = torch.randn(2, model.latent_channels, model.latent_size, model.latent_size,
+                        generator=torch.Generator().manual_seed(0))
+    ours = pipe(eeg[:2], num_images_per_eeg=1, num_inference_steps=10, sampler="plms", latents=noise,
+                output_type="latent").images[:, 0].double()
+    theirs, n_calls = _ldm_plms(eps, noise, model.noise_scheduler.alphas_cumprod, 10)
+    assert n_calls == 11
+    scheduler = make_scheduler(model.noise_scheduler.config, "plms")
+    scheduler.set_timesteps(10)
+    assert len(scheduler.timesteps) == 11  # diffusers makes the same 11 calls (its second timestep twice)
+    assert torch.allclose(ours, theirs, atol=1e-4 * theirs.abs().max().item(), rtol=0), (ours - theirs).abs().max()
 
 
 def test_ddim_eta_draws_seeded_noise(pipe, eeg):
@@ -95,7 +177,8 @@ def test_plms_matches_the_authors_timesteps(pipe):
         dict(eta=2.0, sampler="ddim"),
         dict(guidance_scale=-1.0),
         dict(null_condition="random"),
-        dict(output_type="latent"),
+        dict(output_type="tensor"),
+        dict(latents=torch.zeros(1, 4, 8, 8)),  # 1 latent for 3 trials
         dict(generator=[torch.Generator()]),  # 1 generator for 3 trials
     ],
 )

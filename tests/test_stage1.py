@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT
 from dreamdiffusion.config import Stage1Config, load_saved_config
 from dreamdiffusion.errors import run_cli
 from dreamdiffusion.mae import MaskedEEGAutoencoder
-from dreamdiffusion.pretrain import parameter_groups, warmup_cosine
+from dreamdiffusion.pretrain import parameter_groups
+from dreamdiffusion.stages import STAGES
 
-SCRIPT = REPO_ROOT / "code" / "stage1_pretrain_eeg.py"
+STAGE1 = STAGES["stage1"]
+SCRIPT = STAGE1.script_path
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,7 @@ def test_cli_writes_everything_it_promises(corpus, tmp_path):
     from dreamdiffusion import load_eeg_encoder
 
     out = tmp_path / "run"
-    script = load_script("stage1_pretrain_eeg")
+    script = STAGE1
     script.main(tiny_overrides(corpus, out, **{"data.val_fraction": 0.25}))
 
     cfg = load_saved_config(Stage1Config, out / "config.yaml")
@@ -86,7 +88,7 @@ def test_cli_writes_everything_it_promises(corpus, tmp_path):
 
 
 def test_resume_after_two_epochs_equals_four_uninterrupted(corpus, tmp_path):
-    script = load_script("stage1_pretrain_eeg")
+    script = STAGE1
     # One loader worker: it prefetches as soon as Lightning builds the first iterator, which on resume
     # happens before the epoch counter is restored - the case that needs care.
     common = {"epochs": 4, "figure_every_n_epochs": 0, "checkpoint_every_n_epochs": 0, "trainer.num_workers": 1}
@@ -133,14 +135,14 @@ def test_two_process_ddp_on_cpu(corpus, tmp_path):
     ],
 )
 def test_bad_config_exits_with_code_2(corpus, tmp_path, capsys, override, message):
-    script = load_script("stage1_pretrain_eeg")
+    script = STAGE1
     assert run_cli(script.main, tiny_overrides(corpus, tmp_path / "bad") + [override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_missing_corpus_exits_with_code_2(tmp_path, capsys):
-    script = load_script("stage1_pretrain_eeg")
+    script = STAGE1
     assert run_cli(script.main, [f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'o'}"]) == 2
     assert "nothing" in capsys.readouterr().err
 
@@ -154,14 +156,31 @@ def test_weight_decay_only_on_weight_matrices():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
     assert not any(n.endswith(("bias", "cls_token", "mask_token")) or "norm" in n for n in decayed)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the fixed sin-cos pos_embed is not
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) == len(list(model.parameters())) - 1
 
 
-def test_warmup_then_half_cosine():
-    factor = warmup_cosine(warmup_steps=10, total_steps=110, min_factor=0.1)
-    assert factor(0) == 0 and factor(5) == 0.5 and factor(10) == 1.0
-    assert math.isclose(factor(60), 0.1 + 0.9 * 0.5)
-    assert math.isclose(factor(110), 0.1)
+def test_warmup_then_half_cosine_per_optimiser_step():
+    """The schedule the stage-1 module builds: linear warm-up over warmup_epochs, half-cosine to min_lr."""
+    from types import SimpleNamespace
+
+    from dreamdiffusion.pretrain import MAEPretrainModule
+
+    cfg = STAGE1.build_config(overrides=["encoder.n_channels=8", "encoder.n_times=64", "encoder.embed_dim=32",
+                                         "encoder.depth=1", "encoder.num_heads=4", "decoder.decoder_embed_dim=16",
+                                         "decoder.decoder_depth=1", "decoder.decoder_num_heads=2", "lr=1e-3",
+                                         "min_lr=1e-4", "epochs=11", "warmup_epochs=1"])
+    from dreamdiffusion.config import to_container
+
+    module = MAEPretrainModule(to_container(cfg))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=110, max_epochs=11, world_size=1,
+                                      accumulate_grad_batches=1)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [f(step) for step in range(111) for f in scheduler.lr_lambdas]  # one parameter group each
+    factor = dict(zip(range(111), factors[::len(scheduler.lr_lambdas)]))
+    assert factor[0] == 0 and factor[5] == 0.5 and factor[10] == 1.0  # 10 steps per epoch, 1 warm-up epoch
+    assert math.isclose(factor[60], 0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert math.isclose(factor[110], 0.1)  # min_lr / lr
 
 
 @pytest.mark.parametrize("preset", ["large", "small"])
@@ -173,9 +192,10 @@ def test_encoder_preset_files_match_the_code(preset):
     assert {k: cfg.encoder[k] for k in ENCODER_PRESETS[preset]} == ENCODER_PRESETS[preset]
 
 
-def test_original_code_preset_loads():
-    from dreamdiffusion.config import build_config
-
-    cfg = build_config(Stage1Config, ["configs/presets/original_code_stage1.yaml"],
-                       default_file="configs/stage1_pretrain.yaml")
+def test_authors_code_fidelity_sets_their_values_under_the_users():
+    cfg = STAGE1.build_config(overrides=["fidelity=authors_code"])
     assert (cfg.mask_ratio, cfg.batch_size, cfg.epochs, cfg.lr, cfg.grad_clip) == (0.1, 100, 500, 2.5e-4, 0.8)
+    assert cfg.trainer.precision == "16-mixed" and cfg.encoder.patch_embed_init == "normal"
+    # the user's own values still win over the switch, wherever they come from
+    cfg = STAGE1.build_config(overrides=["mask_ratio=0.5", "fidelity=authors_code"])
+    assert cfg.mask_ratio == 0.5 and cfg.encoder.patch_embed_init == "normal"

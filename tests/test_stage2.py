@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from conftest import load_script
 from dreamdiffusion.errors import run_cli
 from dreamdiffusion.mae import save_eeg_encoder
 from dreamdiffusion.model import DreamDiffusion
-from dreamdiffusion.sd15 import save_compvis_checkpoint
+from dreamdiffusion.original import save_compvis_checkpoint
+from dreamdiffusion.stages import STAGES
 from stage2_tiny import (
     CLIP_IMAGE_SIZE,
     ENCODER,
     IMAGE_SIZE,
-    tiny_clip,
+    tiny_clip_model,
     tiny_encoder,
     tiny_sd,
     tiny_sd_configs,
@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     sd_file = save_compvis_checkpoint(sd.unet, sd.vae, root / "sd" / "tiny-v1-5.safetensors")
     config_dir = write_config_dir(root / "sd_config", *tiny_sd_configs())
     clip_dir = root / "clip"
-    tiny_clip().save_pretrained(clip_dir)
+    tiny_clip_model().save_pretrained(clip_dir)
     encoder_dir = save_eeg_encoder(tiny_encoder(), root / "eeg_encoder")
     torch.manual_seed(0)
     classifier = save_local_classifier(timm.create_model("test_resnet", num_classes=6), root / "classifier",
@@ -63,7 +63,7 @@ def _rows(path):
 
 
 def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
-    script = load_script("stage2_finetune_sd")
+    script = STAGES["stage2"]
     out = world["root"] / "run"
     args = world["overrides"] + [f"output_dir={out}"]
     assert script.main(args + ["epochs=2"]) == out
@@ -71,7 +71,9 @@ def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
     rows = _rows(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert all(float(r["train_loss"]) > 0 and float(r["val_diffusion"]) > 0 for r in rows)
-    assert rows[0]["val_top1"] == "" and 0 <= float(rows[1]["val_top1"]) <= 1  # top-1 on sample epochs only
+    # with a classifier the val top-1 is computed at every validation (it picks best.ckpt); the image
+    # grid only every sample_every_n_epochs
+    assert all(0 <= float(r["val_top1"]) <= 1 for r in rows)
     assert (out / "samples" / "epoch_0002.png").is_file() and not (out / "samples" / "epoch_0001.png").exists()
     for name in ("last.ckpt", "best.ckpt"):
         assert (out / "checkpoints" / name).is_file()
@@ -108,7 +110,7 @@ def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
 def test_missing_pretrained_files_fail_before_training(world, capsys, missing, expected):
     import re
 
-    script = load_script("stage2_finetune_sd")
+    script = STAGES["stage2"]
     out = world["root"] / f"missing_{missing}"
     args = world["overrides"] + [f"output_dir={out}", "epochs=1", f"{missing}={world['root'] / 'nowhere'}"]
     assert run_cli(script.main, args) == 2

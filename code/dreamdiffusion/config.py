@@ -9,22 +9,32 @@ An unknown key or a value of the wrong type is a `ConfigError` that names the ke
 came from. `--print-config` prints the resolved config and exits. The resolved config is saved as
 `config.yaml` in every output folder (`save_config`) and, as plain data, inside checkpoints.
 
-Paths in configs are relative to the repository root unless absolute (`resolve_path`).
+`fidelity=authors_code` (stages 1-3) swaps the paper's values for the authors' code's: the values of
+the deviations manifest (`dreamdiffusion.fidelity`) are merged right after the stage's defaults
+file, so the user's own files and overrides still win.
+
+Paths in configs are relative to the repository root unless absolute. This module is the only one
+that knows the repository: `resolved(cfg)` returns a copy whose path fields (declared with
+`path_field`) are absolute, and the stage runners hand those to the library, which takes explicit
+paths. The saved `config.yaml` keeps the paths as the user wrote them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import fidelity as fidelity_manifest
 from .errors import ConfigError
 from .io import atomic_write_text
 
@@ -40,7 +50,6 @@ def _find_repo_root() -> Path:
 
 
 REPO_ROOT = _find_repo_root()
-CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def resolve_path(path: str | os.PathLike | None) -> Path | None:
@@ -49,6 +58,60 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(os.path.expanduser(str(path)))
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+# How `resolved` treats a field: "path" is always a path; "path_or_hub" may be a hub id
+# ("openai/clip-vit-large-patch14") when no such local path exists; "spec" may name a library model
+# ("torchvision:vit_h_14", "timm:<name>") instead of a folder.
+PATH_KINDS = ("path", "path_or_hub", "spec")
+
+
+def path_field(default: str | None, kind: str = "path") -> Any:
+    """A config field holding a path (relative to the repository root unless absolute)."""
+    assert kind in PATH_KINDS
+    return field(default=default, metadata={"path": kind})
+
+
+def _resolve_value(value: str | None, kind: str) -> str | None:
+    if value in (None, ""):
+        return value
+    text = str(value)
+    if kind == "spec" and ":" in text and not Path(text).is_absolute():
+        return text
+    local = resolve_path(text)
+    if kind == "path_or_hub" and not local.exists() and text.count("/") == 1 and not text.startswith((".", "~")):
+        return text  # a hub id; clip_embedder decides whether it may be fetched
+    return str(local)
+
+
+def _path_fields(schema: type) -> dict[str, Any]:
+    """{field name: path kind or a nested schema} for a dataclass schema."""
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if "path" in f.metadata:
+            out[f.name] = f.metadata["path"]
+        elif dataclasses.is_dataclass(hints.get(f.name)):
+            out[f.name] = hints[f.name]
+    return out
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A copy of a stage config with every path field absolute (see `path_field`)."""
+    schema = OmegaConf.get_type(cfg)
+    out = OmegaConf.structured(schema)
+    out = OmegaConf.merge(out, cfg)
+
+    def walk(node: DictConfig, schema: type) -> None:
+        for name, kind in _path_fields(schema).items():
+            if isinstance(kind, str):
+                node[name] = _resolve_value(node[name], kind)
+            else:
+                walk(node[name], kind)
+
+    walk(out, schema)
+    OmegaConf.set_readonly(out, True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +129,10 @@ class EEGEncoderConfig:
     depth: int = 24
     num_heads: int = 16
     mlp_ratio: float = 1.0  # the authors' code uses 1.0, not ViT's usual 4.0
+    # Patch-embedding initialisation: "xavier" (MAE's, as a Linear over channels x patch) or
+    # "normal" (normal(0, 0.02), what the authors' _init_weights ends up doing). Not part of the
+    # saved architecture: it only matters for an encoder trained from scratch.
+    patch_embed_init: str = "xavier"
 
 
 @dataclass
@@ -102,11 +169,11 @@ class WandbConfig:
 
 @dataclass
 class PairedDataConfig:
-    """ImageNet-EEG (Spampinato et al. 2017) as the authors load it (REFERENCE section 1)."""
+    """ImageNet-EEG (Spampinato et al. 2017) as the authors load it (docs/method.md, "Data")."""
 
-    eeg_path: str = "datasets/eeg_5_95_std.pth"
-    splits_path: str = "datasets/block_splits_by_image_single.pth"
-    image_dir: str | None = "datasets/imageNet_images"
+    eeg_path: str = path_field("datasets/eeg_5_95_std.pth")
+    splits_path: str = path_field("datasets/block_splits_by_image_single.pth")
+    image_dir: str | None = path_field("datasets/imageNet_images")
     subject: int = 4  # 0 = all subjects; the paper uses subject 4 with the "single" split file
     split_index: int = 0
     time_window: list[int] = field(default_factory=lambda: [20, 460])  # samples kept, [start, stop)
@@ -123,7 +190,7 @@ class PairedDataConfig:
 class PretrainDataConfig:
     """Unpaired EEG for stage 1: every *.npy (channels x time) below `root`."""
 
-    root: str = "datasets/pretrain_eeg"
+    root: str = path_field("datasets/pretrain_eeg")
     n_channels: int = 128
     n_times: int = 512
     scale: float = 0.1  # the authors divide the raw signal by 10 before the MAE
@@ -137,7 +204,10 @@ class PretrainDataConfig:
 
 @dataclass
 class Stage1Config:
-    output_dir: str = "outputs/stage1"
+    stage: ClassVar[str] = "stage1"
+    output_dir: str = path_field("outputs/stage1")
+    # paper | authors_code: the authors' code values of the deviations manifest (dreamdiffusion.fidelity)
+    fidelity: str = "paper"
     seed: int = 2022
     encoder: EEGEncoderConfig = field(default_factory=EEGEncoderConfig)
     decoder: MAEDecoderConfig = field(default_factory=MAEDecoderConfig)
@@ -169,22 +239,35 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    output_dir: str = "outputs/stage2"
+    stage: ClassVar[str] = "stage2"
+    output_dir: str = path_field("outputs/stage2")
+    fidelity: str = "paper"  # paper | authors_code (see Stage1Config.fidelity)
     seed: int = 2022
     data: PairedDataConfig = field(default_factory=PairedDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # A stage-1 export folder or an authors'-format stage-1 checkpoint; None trains the encoder
     # from scratch with the sizes in `encoder` (the "no pretraining" ablation).
-    eeg_encoder_path: str | None = "outputs/stage1/eeg_encoder"
+    eeg_encoder_path: str | None = path_field("outputs/stage1/eeg_encoder")
     encoder: EEGEncoderConfig = field(default_factory=EEGEncoderConfig)
     # SD1.5: a CompVis single file (.ckpt/.safetensors) or a diffusers-layout folder.
-    sd_path: str = "pretrains/stable-diffusion-v1-5/v1-5-pruned.ckpt"
-    sd_config_dir: str = "configs/sd15"
-    clip_path: str = "pretrains/clip-vit-large-patch14"  # transformers CLIP folder (or hub id online)
+    sd_path: str = path_field("pretrains/stable-diffusion-v1-5/v1-5-pruned.ckpt")
+    # The UNet/VAE/scheduler configs for a single file; null = SD1.5's, shipped with the package.
+    sd_config_dir: str | None = path_field(None)
+    # The alignment target: a transformers CLIP folder (or hub id online), or "open_clip:<model name>"
+    # with its weights file in clip_weights (dreamdiffusion.clip_embedder).
+    clip_path: str = path_field("pretrains/clip-vit-large-patch14", "path_or_hub")
+    clip_weights: str | None = path_field(None)
     context_tokens: int = 77  # the UNet's cross-attention sees 77 EEG tokens, like SD's text
     global_pool: bool = False
+    # With global_pool: average the tokens before the encoder's final LayerNorm (the authors' order)
+    # instead of after it.
+    pool_before_norm: bool = False
     use_time_cond: bool = True
+    # What trains (dreamdiffusion.model.select_trainable): "paper" = the EEG conditioner and the UNet's
+    # cross-attention; "authors_code" adds what their code trains besides: the encoder's pos_embed and
+    # CLIP's layer_norm2, with gradients through the CLIP forward (the alignment target drifts).
+    trainable: str = "paper"
     clip_weight: float = 1.0
     clip_loss: str = "cosine"  # cosine | contrastive
     clip_temperature: float = 0.07  # only for clip_loss=contrastive
@@ -202,8 +285,8 @@ class Stage2Config:
     n_val_samples: int = 8  # EEG trials of the val split sampled for images / top-1
     val_sampler: str = "dpm++"
     val_inference_steps: int = 25
-    classifier: str | None = None  # see Stage3Config.classifier; None skips the val top-1
-    classifier_weights: str | None = None  # weights file for `classifier` (see Stage3Config)
+    classifier: str | None = path_field(None, "spec")  # see Stage3Config.classifier; None skips the val top-1
+    classifier_weights: str | None = path_field(None)  # weights file for `classifier` (see Stage3Config)
     n_way: int = 50
     resume: bool = False
     # What `<output_dir>/model` holds: "best" = best.ckpt, chosen on the val split (the authors
@@ -217,11 +300,19 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
-    output_dir: str = "outputs/stage3"
+    stage: ClassVar[str] = "stage3"
+    output_dir: str = path_field("outputs/stage3")
+    fidelity: str = "paper"  # paper | authors_code (see Stage1Config.fidelity)
+    # generate: write images/ + records/; score: score a folder of test{i}-{k}.png; all: both
+    phase: str = "all"
+    # The folder `score` reads; null = <output_dir>/images. Any folder in the authors' naming
+    # (k = 0 the ground truth) can be scored, e.g. the output of their gen_eval_eeg.py.
+    images_dir: str | None = path_field(None)
+    overwrite: bool = False  # start again when output_dir holds images made with other settings
     seed: int = 2022
     # Our `save_pretrained` folder or an authors'-format generation checkpoint (.pth).
-    model: str = "outputs/stage2/model"
-    sd_config_dir: str = "configs/sd15"  # used for authors' checkpoints
+    model: str = path_field("outputs/stage2/model")
+    sd_config_dir: str | None = path_field(None)  # for authors' checkpoints; null = SD1.5's (package data)
     data: PairedDataConfig = field(default_factory=PairedDataConfig)
     split: str = "test"
     max_trials: int | None = None  # None = every trial of the split
@@ -233,13 +324,20 @@ class Stage3Config:
     # guidance's null condition: "zero" context, or "learned" (the model's encoding of a zero EEG;
     # for the class oracle, the text states of the empty prompt)
     null_condition: str = "zero"
-    batch_size: int = 5  # EEG trials per sampling batch
-    device: str = "auto"
+    batch_size: int = 5  # EEG trials per sampling batch (part of the images' identity: see generation.py)
+    device: str = "auto"  # one process: auto | cpu | cuda | cuda:N
+    # Several processes (Lightning Fabric; or launch with torchrun and set devices to its process
+    # count): trials are sharded by batch across devices x num_nodes processes.
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "ddp"
+    rank_timeout_s: float = 3600.0  # how long rank 0 waits for the other processes' trials
+    progress_bar: bool = True
     precision: str = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
     # The n-way classifier: "torchvision:vit_h_14" (the paper's), "timm:<name>", or a local folder
     # with a saved classifier; weights from `classifier_weights` when given.
-    classifier: str = "torchvision:vit_h_14"
-    classifier_weights: str | None = "pretrains/classifiers/vit_h_14_swag_e2e_v1.pth"
+    classifier: str = path_field("torchvision:vit_h_14", "spec")
+    classifier_weights: str | None = path_field("pretrains/classifiers/vit_h_14_swag_e2e_v1.pth")
     n_way: int = 50
     top_k: int = 1
     n_way_trials: int | None = None  # None = exact expectation; 50 = the authors' sampled estimate
@@ -247,25 +345,23 @@ class Stage3Config:
     metrics: list[str] = field(
         default_factory=lambda: ["n_way", "mse", "pcc", "ssim", "clip_similarity", "retrieval"]
     )
-    clip_path: str | None = "pretrains/clip-vit-large-patch14"
-    lpips_weights: str | None = None
-    fid_feature_weights: str | None = None
-    # Controls (REFERENCE section 5)
+    clip_path: str | None = path_field("pretrains/clip-vit-large-patch14", "path_or_hub")
+    clip_weights: str | None = path_field(None)  # for clip_path="open_clip:<model name>"
+    lpips_weights: str | None = path_field(None)
+    fid_feature_weights: str | None = path_field(None)
+    # The controls of docs/method.md, "Controls"
     shuffled_labels: bool = False  # pair each EEG trial with a random image of another class
     class_oracle: bool = False  # condition SD on "a photo of a <class>" instead of EEG
-    class_names_path: str | None = None  # wnid -> readable name (json); default: the wnid itself
+    class_names_path: str | None = path_field(None)  # wnid -> readable name (json); default: the wnid itself
     oracle_prompt: str = "a photo of a {}"
     # The class oracle conditions the BASE SD1.5 UNet (not the fine-tuned one) on CLIP text states.
-    oracle_sd_path: str = "pretrains/stable-diffusion-v1-5/v1-5-pruned.ckpt"
+    oracle_sd_path: str = path_field("pretrains/stable-diffusion-v1-5/v1-5-pruned.ckpt")
     # SD1.5's text encoder is the text tower of CLIP ViT-L/14: a transformers CLIP folder with a
     # tokenizer; None = clip_path.
-    oracle_text_encoder_path: str | None = None
+    oracle_text_encoder_path: str | None = path_field(None, "path_or_hub")
     save_images: bool = True
     n_grid_trials: int = 8  # trials (rows: ground truth + samples) per grid image
     kid_subset_size: int = 50  # torchmetrics' default subset size, capped at the number of images
-
-
-STAGE_CONFIGS = {"stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,29 +379,51 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"invalid config in {source}{where}: {detail}") from err
 
 
+def _load_yaml(f: str | os.PathLike) -> tuple[Any, str]:
+    path = resolve_path(f)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path), str(path)
+    except Exception as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+
+
+def _dotlist(item: str) -> tuple[Any, str]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    return OmegaConf.from_dotlist([item]), f"command-line override '{item}'"
+
+
+def _merged(schema: type, layers: Sequence[tuple[Any, str]]) -> DictConfig:
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    for layer, source in layers:
+        cfg = _merge(cfg, layer, source)
+    return cfg
+
+
 def build_config(
     schema: type,
     config_files: Sequence[str | os.PathLike] = (),
     overrides: Sequence[str] = (),
     default_file: str | os.PathLike | None = None,
 ) -> DictConfig:
-    """Defaults of `schema`, then `default_file`, then `config_files`, then `key=value` overrides."""
-    cfg = OmegaConf.structured(schema)
-    OmegaConf.set_struct(cfg, True)
-    files = ([default_file] if default_file is not None else []) + list(config_files)
-    for f in files:
-        path = resolve_path(f)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        cfg = _merge(cfg, loaded, str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override '{item}'")
+    """Defaults of `schema`, then `default_file`, [the fidelity values], `config_files`, overrides.
+
+    When the result says `fidelity: authors_code`, it is built again with the authors' code values
+    of the deviations manifest inserted after `default_file`.
+    """
+    files = [_load_yaml(f) for f in ([default_file] if default_file is not None else [])]
+    extra = [_load_yaml(f) for f in config_files] + [_dotlist(item) for item in overrides]
+    cfg = _merged(schema, files + extra)
+    fidelity = cfg.get("fidelity")
+    if fidelity is not None:
+        if fidelity not in fidelity_manifest.FIDELITIES:
+            raise ConfigError(f"fidelity must be one of {', '.join(fidelity_manifest.FIDELITIES)}, got '{fidelity}'")
+        if fidelity == "authors_code":
+            values = OmegaConf.from_dotlist(fidelity_manifest.authors_code_values(schema.stage))
+            cfg = _merged(schema, files + [(values, "fidelity=authors_code (dreamdiffusion.fidelity)")] + extra)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
@@ -347,10 +465,21 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def deviations(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The deviations manifest's entries that apply to a stage config (`fidelity.deviation_records`)."""
+    return fidelity_manifest.deviation_records(OmegaConf.get_type(cfg).stage, cfg)
+
+
 def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to `<output_dir>/config.yaml` (atomically) and return that path."""
+    """Write the resolved config to `<output_dir>/config.yaml` (atomically) and return that path.
+
+    The deviations that apply to it head the file as comments, so the file still loads as a config.
+    """
     out = Path(output_dir) / "config.yaml"
-    atomic_write_text(out, OmegaConf.to_yaml(cfg, resolve=True))
+    lines = [d["line"] for d in deviations(cfg)] if hasattr(OmegaConf.get_type(cfg), "stage") else []
+    header = ["# Deviations of this run from the paper and the authors' code (dreamdiffusion.fidelity):"]
+    header += [f"#   - {line}" for line in lines] or ["#   - none"]
+    atomic_write_text(out, "\n".join(header) + "\n" + OmegaConf.to_yaml(cfg, resolve=True))
     return out
 
 

@@ -1,4 +1,4 @@
-"""ImageNet-EEG and unpaired EEG, loaded exactly as the authors' code does (REFERENCE section 1).
+"""ImageNet-EEG and unpaired EEG, loaded exactly as the authors' code does (docs/method.md, "Data").
 
 `ImageNetEEGDataset` (stages 2 and 3) reads `eeg_5_95_std.pth` and a `block_splits_by_image_*.pth`
 file (Spampinato et al. 2017). The authors' rules, in order:
@@ -16,7 +16,7 @@ file (Spampinato et al. 2017). The authors' rules, in order:
      with `augment`, with probability `crop_probability` a random square crop of side
      `image_size - int(crop_ratio * image_size)` of the resized image, resized back (the authors'
      Resize -> random_crop -> Resize); `clip_pixel_values` is the un-augmented original image
-     through CLIP ViT-L/14 preprocessing.
+     through the alignment target's own preprocessing (default: CLIP ViT-L/14's processor).
 A missing image is an error naming its path: never a substitute (the authors' HEAD silently used
 random noise when no image folder was given).
 
@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,14 @@ from torch.utils.data import Dataset
 from .errors import CheckpointError, ConfigError, DataError, run_cli
 from .io import safe_torch_load
 
-# OpenAI CLIP's normalisation (the statistics CLIP ViT-L/14 was trained with).
+# OpenAI CLIP's normalisation (the statistics CLIP ViT-L/14 was trained with); the demo's tiny CLIP
+# is trained with them too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DATA_README = "datasets/README.md"
 EEG_FILE_KEYS = ("dataset", "labels", "images")
 TRIAL_KEYS = ("eeg", "image", "label", "subject")
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def _require_file(path: str | os.PathLike, what: str) -> Path:
@@ -261,25 +261,12 @@ def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     return _resize(_to_unit_range(_open_rgb(path)), image_size)
 
 
-def clip_preprocess(img: Image.Image, size: int = 224) -> torch.Tensor:
-    """CLIP ViT-L/14 preprocessing of a PIL RGB image -> float32 [3, size, size].
+def default_clip_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """CLIP ViT-L/14's own preprocessing at `size` (transformers' classic CLIPImageProcessor):
+    a PIL RGB image -> float32 [3, size, size]."""
+    from .clip_embedder import ProcessorTransform
 
-    Resize the shortest side to `size` (PIL bicubic on the 8-bit image), centre crop, scale to
-    [0, 1], normalise with the OpenAI CLIP mean/std - the steps of OpenAI's `preprocess` and of
-    transformers' `CLIPImageProcessor`.
-    """
-    width, height = img.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), resample=Image.BICUBIC)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    pixels = pixels[:, top:top + size, left:left + size].float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return ProcessorTransform(size)
 
 
 def random_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
@@ -300,7 +287,8 @@ class ImageNetEEGDataset(Dataset):
     Item: `eeg` float32 [n_channels, n_times]; `label` int; `image_name`, `wnid` str; `index` (the
     item's position in this split); `subject` int; with `image_dir`: `image` float32
     [3, image_size, image_size] in [-1, 1] and `clip_pixel_values` float32
-    [3, clip_image_size, clip_image_size].
+    [3, clip_image_size, clip_image_size] (`clip_transform` of the original image file; default
+    CLIP ViT-L/14's processor at `clip_image_size`).
     """
 
     def __init__(
@@ -320,6 +308,7 @@ class ImageNetEEGDataset(Dataset):
         crop_probability: float = 0.5,
         crop_ratio: float = 0.2,
         clip_image_size: int = 224,
+        clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ):
         if len(time_window) != 2 or not 0 <= time_window[0] < time_window[1]:
             raise ConfigError(f"time_window must be [start, stop) with 0 <= start < stop, got {list(time_window)}")
@@ -336,6 +325,7 @@ class ImageNetEEGDataset(Dataset):
         self.time_window = (int(time_window[0]), int(time_window[1]))
         self.n_times = n_times
         self.image_size, self.clip_image_size = image_size, clip_image_size
+        self.clip_transform = clip_transform or default_clip_transform(clip_image_size)
         self.augment, self.crop_probability = augment, crop_probability
         self.crop_size = image_size - int(crop_ratio * image_size)
 
@@ -369,14 +359,13 @@ class ImageNetEEGDataset(Dataset):
                                 f"({DATA_README} explains where the ImageNet images go):\n  {shown}{more}")
 
     @classmethod
-    def from_config(cls, cfg: Any, split: str, augment: bool = False) -> ImageNetEEGDataset:
-        """From a `PairedDataConfig` (paths relative to the repository root)."""
-        from .config import resolve_path
-
+    def from_config(cls, cfg: Any, split: str, augment: bool = False,
+                    clip_transform: Callable[[Image.Image], torch.Tensor] | None = None) -> ImageNetEEGDataset:
+        """From a `PairedDataConfig` whose paths are resolved (`config.resolved`)."""
         return cls(
-            eeg_path=resolve_path(cfg.eeg_path),
-            splits_path=resolve_path(cfg.splits_path),
-            image_dir=resolve_path(cfg.image_dir),
+            eeg_path=cfg.eeg_path,
+            splits_path=cfg.splits_path,
+            image_dir=cfg.image_dir,
             split=split,
             split_index=cfg.split_index,
             subject=cfg.subject,
@@ -389,6 +378,7 @@ class ImageNetEEGDataset(Dataset):
             crop_probability=cfg.crop_probability,
             crop_ratio=cfg.crop_ratio,
             clip_image_size=cfg.clip_image_size,
+            clip_transform=clip_transform,
         )
 
     def image_path(self, i: int) -> Path:
@@ -422,7 +412,7 @@ class ImageNetEEGDataset(Dataset):
             if self.augment and float(torch.rand(1)) < self.crop_probability:
                 image = random_crop_resize(image, self.crop_size)
             item["image"] = image
-            item["clip_pixel_values"] = clip_preprocess(original, self.clip_image_size)
+            item["clip_pixel_values"] = self.clip_transform(original)
         return item
 
 
@@ -499,11 +489,9 @@ class EEGPretrainDataset(Dataset):
 
     @classmethod
     def from_config(cls, cfg: Any, files: Sequence[str | os.PathLike] | None = None) -> EEGPretrainDataset:
-        """From a `PretrainDataConfig` (root relative to the repository root)."""
-        from .config import resolve_path
-
+        """From a `PretrainDataConfig` whose paths are resolved (`config.resolved`)."""
         return cls(
-            root=resolve_path(cfg.root),
+            root=cfg.root,
             n_channels=cfg.n_channels,
             n_times=cfg.n_times,
             scale=cfg.scale,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
 import time
 from collections import Counter
@@ -213,12 +212,9 @@ def _bar(iterable, desc: str, total: int, progress: bool):
 
 
 def _cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 20):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    from transformers import get_cosine_schedule_with_warmup
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +425,7 @@ def train_unet(cfg: DemoWorldConfig, vae, images: torch.Tensor, labels: torch.Te
     contexts: [K, max_length, text_width]. Returns the EMA UNet (eval) and stats.
     """
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(cfg.seed + 4)
     with torch.no_grad():
@@ -437,19 +434,18 @@ def train_unet(cfg: DemoWorldConfig, vae, images: torch.Tensor, labels: torch.Te
     std = torch.cat([p.std for p in posteriors])
     scale = vae.config.scaling_factor
     unet = build_unet(cfg, mean.shape[-1])
-    ema = build_unet(cfg, mean.shape[-1])
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
+    # Samples come from an EMA of the weights, as SD's release; diffusers' EMA warms its decay up as
+    # (1 + step) / (10 + step), so a short run is not dominated by the random initialisation.
+    ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
     n_train_steps = noise_scheduler.config.num_train_timesteps
-    alphas_cumprod = noise_scheduler.alphas_cumprod
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     schedule = _cosine_lr(optimizer, cfg.unet_steps)
     generator = torch.Generator().manual_seed(cfg.seed + 5)
     unet.train()
     losses = []
-    for step, idx in enumerate(_bar(_batches(len(images), cfg.batch_size, cfg.unet_steps, generator),
-                                    "tiny SD: UNet", cfg.unet_steps, progress)):
+    for idx in _bar(_batches(len(images), cfg.batch_size, cfg.unet_steps, generator), "tiny SD: UNet",
+                    cfg.unet_steps, progress):
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scale
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, n_train_steps, (len(idx),), generator=generator)
@@ -458,20 +454,17 @@ def train_unet(cfg: DemoWorldConfig, vae, images: torch.Tensor, labels: torch.Te
                       ).square().mean(dim=(1, 2, 3))
         if cfg.unet_min_snr_gamma > 0:
             # Min-SNR-gamma: down-weight the easy low-noise steps (weight min(SNR, gamma) / SNR).
-            snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+            snr = compute_snr(noise_scheduler, timesteps)
             per_sample = per_sample * snr.clamp(max=cfg.unet_min_snr_gamma) / snr
         loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        # Warm-up of the EMA decay so a short run is not dominated by the random initialisation.
-        decay = min(cfg.unet_ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema.step(unet.parameters())
         losses.append(loss.item())
-    return ema.eval(), {"final_loss": float(np.mean(losses[-50:]))}
+    ema.copy_to(unet.parameters())
+    return unet.eval(), {"final_loss": float(np.mean(losses[-50:]))}
 
 
 def save_sd(vae, unet, clip_dir: Path, out_dir: Path) -> None:
@@ -574,26 +567,27 @@ def check_world(cfg: DemoWorldConfig, world: DemoWorld) -> dict[str, Any]:
     for k, wnid in enumerate(wnids):
         for path in sorted((world.image_dir / wnid).glob("*.JPEG")):
             with Image.open(path) as img:
-                images.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()))
+                images.append(img.convert("RGB"))
             labels.append(k)
-    pixels = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels_t = torch.tensor(labels)
+    # the classifier and CLIP as stage 3 loads and scores them (their own preprocessing, PIL in)
     classifier = load_classifier(str(world.classifier_dir))
-    classifier_acc = float((classifier(pixels).argmax(1) == labels_t).float().mean())
+    classifier_acc = float((classifier.classify(images).argmax(1) == labels_t).float().mean())
 
     from .clip_embedder import load_clip_image_encoder
 
-    vision = load_clip_image_encoder(world.clip_dir)  # as stage 2 and stage 3 load it
+    vision = load_clip_image_encoder(world.clip_dir)
     clip = CLIPModel.from_pretrained(world.clip_dir, local_files_only=True).eval()
     tokenizer = CLIPTokenizer.from_pretrained(world.clip_dir, local_files_only=True)
     text = F.normalize(clip_text_embeds(clip, tokenize_prompts(tokenizer, [PROMPT.format(n) for n in names])), dim=-1)
-    image = F.normalize(vision(pixel_values=_normalise(pixels, CLIP_MEAN, CLIP_STD)).image_embeds, dim=-1)
-    clip_acc = float(((image @ text.T).argmax(1) == labels_t).float().mean())
+    clip_acc = float(((vision.embed(images) @ text.T).argmax(1) == labels_t).float().mean())
 
     contexts = text_states(world.clip_dir, [PROMPT.format(n) for n in names])
     samples = sample_from_text(world.sd_dir, contexts, cfg.check_samples_per_class, cfg.check_inference_steps,
                                cfg.seed)
-    predicted = classifier(samples.flatten(0, 1)).argmax(1).view(cfg.n_classes, -1)
+    sample_images = [Image.fromarray(a) for a in
+                     ((samples.flatten(0, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
+    predicted = classifier.classify(sample_images).argmax(1).view(cfg.n_classes, -1)
     per_class = (predicted == torch.arange(cfg.n_classes)[:, None]).float().mean(1)
     _save_sample_grid(samples, world.pretrains_dir / "sd_samples.png")
     return {
@@ -606,12 +600,12 @@ def check_world(cfg: DemoWorldConfig, world: DemoWorld) -> dict[str, Any]:
 
 
 def _save_sample_grid(samples: torch.Tensor, path: Path, upscale: int = 2) -> None:
-    """samples [K, n, 3, S, S] -> one row per class."""
-    k, n = samples.shape[:2]
-    pixels = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = pixels.permute(0, 3, 1, 4, 2).reshape(k * samples.shape[-2], n * samples.shape[-1], 3).numpy()
-    img = Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
-    img.save(path)
+    """samples [K, n, 3, S, S] in [-1, 1] -> one row per class (torchvision's grid, enlarged)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid((samples.flatten(0, 1).clamp(-1, 1) + 1) / 2, nrow=samples.shape[1], padding=0)
+    img = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,10 +631,8 @@ def build_demo_world(
     called as soon as the unpaired corpus is complete, before the stand-ins are trained: stage 1
     needs nothing else, so `demo.py` starts it there on the second core.
     """
-    from .config import resolve_path
-
     cfg = cfg or DemoWorldConfig()
-    world = DemoWorld(resolve_path(datasets_dir), resolve_path(pretrains_dir))
+    world = DemoWorld(Path(datasets_dir), Path(pretrains_dir))
     timings: dict[str, Any] = {}
     world_cfg_path = world.pretrains_dir / "world_config.json"
     if world_cfg_path.is_file() and json.loads(world_cfg_path.read_text()) != _jsonable(asdict(cfg)):

@@ -1,14 +1,16 @@
 """Stage 2: fine-tune SD1.5 on paired EEG and images, with the CLIP alignment loss (Lightning).
 
 `run_finetuning(cfg)` (cfg: a `Stage2Config`) writes to `output_dir`:
-    config.yaml                  the resolved config
+    config.yaml                  the resolved config (the deviations that apply head it as comments)
     trainable_parameters.txt     what trains, per group (from `select_trainable`)
     metrics.csv                  one row per epoch: train and val loss terms, val top-1, seconds
     samples/epoch_NNNN.png       val-split trials: ground truth | generated, every sample_every_n_epochs
     checkpoints/last.ckpt        after every epoch (resume=true continues from it)
     checkpoints/best.ckpt        best val loss (the training objective: diffusion + clip_weight x CLIP
                                  term), or best val top-1 when a classifier is set
-    model/                       the final model (`DreamDiffusion.save_pretrained`)
+    model/                       the final model (`DreamDiffusion.save_pretrained`) + selection.json
+                                 + training.json (the config and its deviations, for stage 3)
+    metrics.json, results.md     the run's summary and its deviations from the paper / the authors' code
 Checkpoints hold only what trains (plus the conditioner's buffers), the optimiser state and the
 config - not the frozen SD1.5 weights, which come from `sd_path` again on resume.
 Checkpoint selection only ever looks at the val split.
@@ -16,22 +18,40 @@ Checkpoint selection only ever looks at the val split.
 
 from __future__ import annotations
 
+import csv
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from .config import resolve_path, save_config, to_container
+from .config import deviations, resolved, save_config, to_container
 from .errors import CheckpointError, ConfigError
 from .io import atomic_path, atomic_write_json, atomic_write_text
-from .model import CLIP_LOSSES, DreamDiffusion, build_model, format_table, select_trainable
-from .pretrain import EpochMetricsCSV, EpochSeed, build_trainer, format_metric, output_paths
+from .model import (
+    CLIP_LOSSES,
+    TRAINABLE_SETS,
+    DreamDiffusion,
+    format_table,
+    select_trainable,
+    time_cond_overrides,
+)
+from .training import (
+    EpochMetricsCSV,
+    EpochSeed,
+    best_checkpoint,
+    build_trainer,
+    format_metric,
+    last_checkpoint,
+    output_paths,
+    write_run_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +60,22 @@ METRICS_COLUMNS = ["epoch", "step", "train_loss", "train_diffusion", "train_clip
 
 
 class Stage2Module(pl.LightningModule):
-    """Trains a DreamDiffusion's selected parameters with AdamW at a constant learning rate."""
+    """Trains a DreamDiffusion's selected parameters with AdamW at a constant learning rate.
 
-    def __init__(self, model: DreamDiffusion, config: dict[str, Any], val_items: list[dict] | None = None):
+    `config` is the stage-2 config as plain data, as the user wrote it (checkpoints carry it);
+    `paths` the same with paths resolved (what the module reads files with); `val_items` the
+    val-split trials sampled for images (and the val top-1 when a classifier is configured).
+    """
+
+    def __init__(self, model: DreamDiffusion, config: dict[str, Any], val_items: list[dict] | None = None,
+                 paths: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
         self.config = config
+        self.paths = paths or config
         self.val_items = val_items or []
         self._classifier: list = []  # a list, so that the classifier is not registered as a submodule
-        self.last_top1_epoch: int | None = None
-        self.trainable_table = select_trainable(model)
+        self.trainable_table = select_trainable(model, config["trainable"])
         # Checkpoints carry only the trained tensors; `on_load_checkpoint` checks their key set.
         self.strict_loading = False
         if config["gradient_checkpointing"]:
@@ -73,7 +99,7 @@ class Stage2Module(pl.LightningModule):
             raise CheckpointError(
                 "the stage-2 checkpoint does not hold the tensors this model trains: missing "
                 f"{sorted(expected - present)[:8]}, unexpected {sorted(present - expected)[:8]} (was it "
-                "written with other model settings?)"
+                "written with other model settings or another `trainable` set?)"
             )
 
     # ---- steps ----------------------------------------------------------------------------------
@@ -102,107 +128,74 @@ class Stage2Module(pl.LightningModule):
         self._log_losses("val", losses, len(batch["eeg"]), on_step=False)
 
     def on_validation_epoch_end(self) -> None:
+        """Val top-1 at every validation when a classifier is set (it may pick best.ckpt); the image
+        grid every `sample_every_n_epochs` and after the last epoch."""
+        if self.trainer.sanity_checking or not self.val_items:
+            return
         epoch = self.current_epoch + 1
         every = self.config["sample_every_n_epochs"]
-        last = epoch == self.trainer.max_epochs
-        if self.trainer.sanity_checking or not self.val_items or every <= 0 or (epoch % every and not last):
+        want_grid = every > 0 and (epoch % every == 0 or epoch == self.trainer.max_epochs)
+        if not (want_grid or self.config["classifier"]):
             return
-        images, top1 = self.sample_val_images()
-        if top1 is not None:
-            self.log("val/top1", top1, sync_dist=False)
-            self.last_top1_epoch = self.current_epoch
-        if self.trainer.is_global_zero:
-            save_grid(images, Path(self.config["output_dir_resolved"]) / "samples" / f"epoch_{epoch:04d}.png")
+        truth, generated = self.sample_val_images()
+        if self.config["classifier"]:
+            self.log("val/top1", self.val_top1(truth, generated), sync_dist=False)
+        if want_grid and self.trainer.is_global_zero:
+            save_grid(truth, generated, Path(self.paths["output_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
 
     @torch.no_grad()
-    def sample_val_images(self) -> tuple[torch.Tensor, float | None]:
-        """Generate one image per val trial with the fast sampler; return ([n, 2, 3, H, W] ground truth
-        and generated, in [-1, 1]) and their n-way top-1 when a classifier is configured."""
+    def sample_val_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """One image per val trial with the fast sampler: (ground truth, generated), uint8
+        [n, H, W, 3] each, at the model's output size - the form stage 3 scores."""
         from .pipeline import DreamDiffusionPipeline
 
         cfg = self.config
         eeg = torch.stack([item["eeg"] for item in self.val_items]).to(self.device)
-        truth = torch.stack([item["image"] for item in self.val_items]).to(self.device)
         was_training = self.model.training
         self.model.eval()
         pipe = DreamDiffusionPipeline(self.model)
         pipe.set_progress_bar_config(disable=True)
         generated = pipe(
             eeg, num_images_per_eeg=1, num_inference_steps=cfg["val_inference_steps"], sampler=cfg["val_sampler"],
-            generator=torch.Generator().manual_seed(cfg["seed"]), output_type="pt",
-        ).images[:, 0].to(self.device)
+            generator=torch.Generator().manual_seed(cfg["seed"]), output_type="np",
+        ).images[:, 0]
         self.model.train(was_training)
-        if generated.shape[-1] != truth.shape[-1]:
-            truth = torch.nn.functional.interpolate(truth, size=generated.shape[-2:], mode="bilinear", antialias=True)
-        top1 = None
-        if cfg["classifier"]:
-            from .classifier import load_classifier
-            from .metrics import n_way_top_k_accuracy
+        size = generated.shape[1]
+        truth = np.stack([_to_uint8(item["image"], size) for item in self.val_items])
+        return truth, generated
 
-            if not self._classifier:
-                weights = resolve_path(cfg["classifier_weights"]) if cfg["classifier_weights"] else None
-                self._classifier.append(load_classifier(cfg["classifier"], weights).to(self.device).eval())
-            classifier = self._classifier[0]
-            # The reference class is the classifier's own verdict on the ground truth (REFERENCE section 4).
-            ref_class = classifier(truth.float()).argmax(dim=-1)
-            probs = classifier(generated.float())
-            top1 = float(n_way_top_k_accuracy(probs.cpu(), ref_class.cpu(), n_way=cfg["n_way"], top_k=1).mean())
-        return torch.stack([truth, generated], dim=1).float().cpu(), top1
+    def val_top1(self, truth: np.ndarray, generated: np.ndarray) -> float:
+        """The n-way top-1 of the val images, scored exactly as stage 3 scores (`scoring.Scorer`)."""
+        from .classifier import load_classifier
+        from .scoring import MetricNetworks, Scorer
+
+        cfg = self.paths
+        if not self._classifier:
+            self._classifier.append(load_classifier(cfg["classifier"], cfg["classifier_weights"]).to(self.device))
+        scorer = Scorer(["n_way"], MetricNetworks(classifier=self._classifier[0]), n_way=cfg["n_way"])
+        scorer.add_trials([Image.fromarray(t) for t in truth], [[Image.fromarray(g)] for g in generated])
+        return float(scorer.compute(n_bootstrap=0)["n_way"]["mean"])
 
 
-def save_grid(pairs: torch.Tensor, path: Path) -> None:
-    """pairs [n, k, 3, H, W] in [-1, 1] -> a PNG with one row per trial."""
-    from torchvision.utils import save_image
+def _to_uint8(image: torch.Tensor, size: int) -> np.ndarray:
+    """A dataset image [3, S, S] in [-1, 1] -> uint8 [size, size, 3] (resized when S != size)."""
+    if image.shape[-1] != size:
+        image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
-    n, k = pairs.shape[:2]
+
+def save_grid(truth: np.ndarray, generated: np.ndarray, path: Path) -> None:
+    """One row per trial: ground truth | generated (uint8 [n, H, W, 3] each), via torchvision."""
+    from torchvision.utils import make_grid
+
+    pairs = np.stack([truth, generated], axis=1).reshape(-1, *truth.shape[1:])  # trial-major
+    grid = make_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nrow=2, padding=2, pad_value=255)
     with atomic_path(path) as tmp:
-        save_image((pairs.flatten(0, 1) + 1) / 2, tmp, nrow=k, padding=2, format="png")
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------
 # Callbacks
-
-
-class Stage2Checkpoints(pl.Callback):
-    """`last.ckpt` after every epoch and `best.ckpt` when the monitored val metric improves
-    (both written atomically)."""
-
-    def __init__(self, dirpath: Path, monitor: str, mode: str):
-        self.dirpath = Path(dirpath)
-        self.monitor, self.mode = monitor, mode
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self._improved = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "monitor": self.monitor}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("monitor") == self.monitor:
-            self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        if self.monitor == "val/top1" and getattr(pl_module, "last_top1_epoch", None) != trainer.current_epoch:
-            return  # no top-1 this epoch (the logged value is an earlier epoch's)
-        value = float(trainer.callback_metrics[self.monitor])
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
-            self.best, self.best_epoch, self._improved = value, trainer.current_epoch, True
-
-    def _save(self, trainer: pl.Trainer, name: str) -> None:
-        tmp = self.dirpath / f".{name}.tmp"
-        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, self.dirpath / name)
-        trainer.strategy.barrier(f"Stage2Checkpoints.{name}")
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._improved:
-            self._improved = False
-            self._save(trainer, "best.ckpt")
-        self._save(trainer, "last.ckpt")
 
 
 class Stage2MetricsCSV(EpochMetricsCSV):
@@ -219,9 +212,7 @@ class Stage2MetricsCSV(EpochMetricsCSV):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        names = ["val/loss", "val/diffusion", "val/clip"]
-        if getattr(pl_module, "last_top1_epoch", None) == trainer.current_epoch:
-            names.append("val/top1")  # computed this epoch, not left over from an earlier one
+        names = ["val/loss", "val/diffusion", "val/clip", "val/top1"]
         self._val = {name: float(metrics[name]) for name in names if name in metrics}
         self._val_epoch = trainer.current_epoch
 
@@ -240,31 +231,32 @@ class Stage2MetricsCSV(EpochMetricsCSV):
 
 
 class ExportModel(pl.Callback):
-    """`model/` (save_pretrained) when training ends, plus `model/selection.json` saying which
-    checkpoint it is. With `export="best"` the weights of `best.ckpt` (chosen on the val split,
-    never on test) are exported; stage 3 copies the selection record into its results."""
+    """`model/` (save_pretrained) when training ends, plus `selection.json` saying which checkpoint it
+    is and `training.json` (the config and its deviations). With `export="best"` the weights of
+    `best.ckpt` (chosen on the val split, never on test) are exported."""
 
-    def __init__(self, dirpath: Path, checkpoints: Stage2Checkpoints, export: str):
+    def __init__(self, dirpath: Path, best: pl.callbacks.ModelCheckpoint, export: str, training: dict[str, Any]):
         self.dirpath = Path(dirpath)
-        self.checkpoints, self.export = checkpoints, export
+        self.best, self.export, self.training = best, export, training
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        best = self.checkpoints.dirpath / "best.ckpt"
-        if self.export == "best" and best.is_file():
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            if set(state) != pl_module.checkpoint_keys():
+        best = Path(self.best.best_model_path) if self.best.best_model_path else None
+        if self.export == "best" and best is not None and best.is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            if set(ckpt["state_dict"]) != pl_module.checkpoint_keys():
                 raise CheckpointError(f"{best} does not hold the tensors this model trains")
-            pl_module.load_state_dict(state, strict=False)  # the frozen SD weights are not in it
-            selection = {"export": "best", "chosen_on": "val", "monitor": self.checkpoints.monitor,
-                         "value": self.checkpoints.best, "epoch": self.checkpoints.best_epoch}
+            pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # the frozen SD weights are not in it
+            selection = {"export": "best", "chosen_on": "val", "monitor": self.best.monitor,
+                         "value": float(self.best.best_model_score), "epoch": int(ckpt["epoch"])}
         else:
             reason = "export=last" if self.export == "last" else "no validation ran, so no best.ckpt"
             selection = {"export": "last", "chosen_on": f"none: the last epoch ({reason})",
                          "epoch": trainer.current_epoch}
         pl_module.model.save_pretrained(self.dirpath)
         atomic_write_json(self.dirpath / "selection.json", selection)
+        atomic_write_json(self.dirpath / "training.json", self.training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +265,7 @@ class ExportModel(pl.Callback):
 
 def check_config(cfg: DictConfig) -> None:
     """Reject inconsistent stage-2 settings with a sentence naming the field."""
+    from .mae import PATCH_EMBED_INITS
     from .pipeline import SAMPLERS
 
     checks = [
@@ -282,15 +275,15 @@ def check_config(cfg: DictConfig) -> None:
         (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}"),
         (cfg.clip_loss in CLIP_LOSSES, f"clip_loss must be one of {CLIP_LOSSES}, got {cfg.clip_loss!r}"),
         (cfg.clip_weight >= 0, f"clip_weight must be >= 0, got {cfg.clip_weight}"),
+        (cfg.trainable in TRAINABLE_SETS, f"trainable must be one of {TRAINABLE_SETS}, got {cfg.trainable!r}"),
+        (cfg.encoder.patch_embed_init in PATCH_EMBED_INITS,
+         f"encoder.patch_embed_init must be one of {PATCH_EMBED_INITS}, got {cfg.encoder.patch_embed_init!r}"),
         (cfg.val_sampler in SAMPLERS, f"val_sampler must be one of {SAMPLERS}, got {cfg.val_sampler!r}"),
         (cfg.val_every_n_epochs >= 1, f"val_every_n_epochs must be >= 1, got {cfg.val_every_n_epochs}"),
         (cfg.export in ("best", "last"), f"export must be 'best' or 'last', got {cfg.export!r}"),
         (cfg.context_tokens >= 2, f"context_tokens must be >= 2, got {cfg.context_tokens}"),
-        (not cfg.classifier or cfg.sample_every_n_epochs > 0,
-         "a classifier is set (val top-1 picks the best checkpoint), so sample_every_n_epochs must be > 0"),
-        (not cfg.classifier or cfg.sample_every_n_epochs % cfg.val_every_n_epochs == 0,
-         f"sample_every_n_epochs ({cfg.sample_every_n_epochs}) must be a multiple of val_every_n_epochs "
-         f"({cfg.val_every_n_epochs}): the val top-1 is computed at the end of a validation"),
+        (not cfg.classifier or cfg.n_val_samples >= 1,
+         "a classifier is set (val top-1 picks the best checkpoint), so n_val_samples must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -298,20 +291,55 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_pretrained_files(cfg: DictConfig) -> None:
-    """Fail in a second, with what to download and where, before any data or weights are loaded."""
-    from .clip_embedder import check_clip_path
+    """Fail in a second, with what to download and where, before any data or weights are loaded
+    (`cfg` with resolved paths)."""
+    from .clip_embedder import OPEN_CLIP_PREFIX, check_clip_path
     from .sd15 import DOWNLOAD_HINT
 
-    sd_path = resolve_path(cfg.sd_path)
-    if sd_path is None or not sd_path.exists():
-        raise CheckpointError(f"Stable Diffusion 1.5 weights not found at {sd_path}: {DOWNLOAD_HINT}.")
-    if cfg.clip_weight > 0:
+    if not Path(cfg.sd_path).exists():
+        raise CheckpointError(f"Stable Diffusion 1.5 weights not found at {cfg.sd_path}: {DOWNLOAD_HINT}.")
+    if cfg.clip_weight > 0 and not str(cfg.clip_path).startswith(OPEN_CLIP_PREFIX):
         check_clip_path(cfg.clip_path)
-    if cfg.eeg_encoder_path and not resolve_path(cfg.eeg_encoder_path).exists():
+    if cfg.eeg_encoder_path and not Path(cfg.eeg_encoder_path).exists():
         raise CheckpointError(
-            f"stage-1 EEG encoder not found at {resolve_path(cfg.eeg_encoder_path)}: run stage 1 "
+            f"stage-1 EEG encoder not found at {cfg.eeg_encoder_path}: run stage 1 "
             "(code/stage1_pretrain_eeg.py) or put the authors' pretrained encoder there (pretrains/README.md), "
             "or set eeg_encoder_path=null to train the encoder from scratch"
+        )
+
+
+def build_model(cfg: DictConfig, encoder: torch.nn.Module | None = None,
+                clip_encoder: torch.nn.Module | None = None) -> DreamDiffusion:
+    """A DreamDiffusion from a Stage2Config with resolved paths (`config.resolved`): SD1.5, the CLIP
+    target, and the stage-1 encoder (or a fresh one with the sizes in `encoder` when
+    `eeg_encoder_path` is null)."""
+    from .clip_embedder import load_clip_image_encoder
+    from .mae import build_encoder, load_eeg_encoder
+    from .sd15 import load_sd15
+
+    if clip_encoder is None and cfg.clip_weight > 0:
+        clip_encoder = load_clip_image_encoder(cfg.clip_path, cfg.clip_weights)
+    overrides = time_cond_overrides() if cfg.use_time_cond else {}
+    sd = load_sd15(cfg.sd_path, cfg.sd_config_dir, unet_overrides=overrides)
+    if encoder is None:
+        encoder = load_eeg_encoder(cfg.eeg_encoder_path) if cfg.eeg_encoder_path else build_encoder(dict(cfg.encoder))
+    clip_dim = clip_encoder.projection_dim if clip_encoder is not None else cfg.clip_dim
+    return DreamDiffusion.build(
+        encoder, sd, clip_encoder=clip_encoder, clip_dim=clip_dim, context_tokens=cfg.context_tokens,
+        global_pool=cfg.global_pool, pool_before_norm=cfg.pool_before_norm, clip_weight=cfg.clip_weight,
+        clip_loss=cfg.clip_loss, clip_temperature=cfg.clip_temperature,
+    )
+
+
+def _check_model_fits_data(model: DreamDiffusion, cfg: DictConfig, n_channels: int) -> None:
+    if cfg.data.image_size % model.vae_scale_factor:
+        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of the VAE's "
+                          f"downsampling factor ({model.vae_scale_factor})")
+    encoder_config = model.conditioner.encoder.config
+    if (encoder_config["n_channels"], encoder_config["n_times"]) != (n_channels, cfg.data.n_times):
+        raise ConfigError(
+            f"the EEG encoder expects [{encoder_config['n_channels']}, {encoder_config['n_times']}] inputs but "
+            f"the data gives [{n_channels}, {cfg.data.n_times}] (data.n_times, the EEG file's channels)"
         )
 
 
@@ -321,67 +349,76 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     from .dataset import ImageNetEEGDataset
 
     check_config(cfg)
-    out_dir, ckpt_dir, last = output_paths(cfg)
+    paths = resolved(cfg)
+    out_dir, ckpt_dir, last = output_paths(paths)
     if model is None:
-        check_pretrained_files(cfg)
+        check_pretrained_files(paths)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    train_set = ImageNetEEGDataset.from_config(cfg.data, "train", augment=True)
-    val_set = ImageNetEEGDataset.from_config(cfg.data, "val", augment=False)
-    if model is None:
-        model = build_model(cfg)
-    if cfg.data.image_size % model.vae_scale_factor:
-        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of the VAE's "
-                          f"downsampling factor ({model.vae_scale_factor})")
-    encoder_config = model.conditioner.encoder.config
-    if (encoder_config["n_channels"], encoder_config["n_times"]) != (train_set.n_channels, cfg.data.n_times):
-        raise ConfigError(
-            f"the EEG encoder expects [{encoder_config['n_channels']}, {encoder_config['n_times']}] inputs but "
-            f"the data gives [{train_set.n_channels}, {cfg.data.n_times}] (data.n_times, the EEG file's channels)"
-        )
+    model = model if model is not None else build_model(paths)
+    clip_transform = model.clip_encoder.preprocess if model.clip_encoder is not None else None
+    train_set = ImageNetEEGDataset.from_config(paths.data, "train", augment=True, clip_transform=clip_transform)
+    val_set = ImageNetEEGDataset.from_config(paths.data, "val", augment=False, clip_transform=clip_transform)
+    _check_model_fits_data(model, paths, train_set.n_channels)
 
-    config = {**to_container(cfg), "output_dir_resolved": str(out_dir)}
-    n_val_items = min(cfg.n_val_samples, len(val_set))
-    val_items = [val_set[i] for i in range(n_val_items)]
-    module = Stage2Module(model, config, val_items)
+    val_items = [val_set[i] for i in range(min(cfg.n_val_samples, len(val_set)))]
+    module = Stage2Module(model, to_container(cfg), val_items, paths=to_container(paths))
     # Selection on val only. Without a classifier: the objective being trained. The diffusion term
     # alone hardly moves with conditioning quality (0.1540 vs 0.1547 between epochs whose CLIP term
     # fell 0.34 -> 0.30 in the demo), so selecting on it picks an arbitrary epoch.
-    monitor, mode = ("val/top1", "max") if cfg.classifier else ("val/loss", "min")
-    callbacks = [
-        EpochSeed(cfg.seed),
-        Stage2MetricsCSV(out_dir / "metrics.csv"),
-        (checkpoints := Stage2Checkpoints(ckpt_dir, monitor, mode)),
-        ExportModel(out_dir / "model", checkpoints, cfg.export),
-    ]
-    trainer = build_trainer(
-        cfg, out_dir, callbacks,
-        check_val_every_n_epoch=cfg.val_every_n_epochs,
-        enable_model_summary=False,  # select_trainable's table says what trains
-    )
+    best = best_checkpoint(ckpt_dir, *(("val/top1", "max") if cfg.classifier else ("val/loss", "min")))
+    training = {"config": to_container(cfg), "deviations": deviations(cfg)}
+    callbacks = [EpochSeed(cfg.seed), Stage2MetricsCSV(out_dir / "metrics.csv"),
+                 ExportModel(out_dir / "model", best, cfg.export, training), best, last_checkpoint(ckpt_dir)]
+    trainer = build_trainer(cfg, out_dir, callbacks, check_val_every_n_epoch=cfg.val_every_n_epochs,
+                            enable_model_summary=False)  # select_trainable's table says what trains
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
         atomic_write_text(out_dir / "trainable_parameters.txt", format_table(module.trainable_table) + "\n")
-        _print_once(cfg, module, len(train_set), len(val_set))
-
-    pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
-
-    def loader(dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.trainer.num_workers,
-                          pin_memory=pin, drop_last=False, persistent_workers=cfg.trainer.num_workers > 0)
-
+        _print_once(paths, module, len(train_set), len(val_set))
     # weights_only: our checkpoints hold tensors and plain data only, so nothing pickled is run on resume
-    trainer.fit(module, train_dataloaders=loader(train_set, True), val_dataloaders=loader(val_set, False),
+    trainer.fit(module, train_dataloaders=_loader(paths, train_set, True), val_dataloaders=_loader(paths, val_set, False),
                 ckpt_path=str(last) if cfg.resume else None, weights_only=True)
+    if trainer.is_global_zero:
+        _write_summary(cfg, out_dir, module, trainer)
     return out_dir
 
 
+def _loader(cfg: DictConfig, dataset, shuffle: bool) -> DataLoader:
+    pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.trainer.num_workers,
+                      pin_memory=pin, drop_last=False, persistent_workers=cfg.trainer.num_workers > 0)
+
+
+def _write_summary(cfg: DictConfig, out_dir: Path, module: Stage2Module, trainer: pl.Trainer) -> None:
+    import json
+
+    with (out_dir / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    selection_file = out_dir / "model" / "selection.json"
+    selection = json.loads(selection_file.read_text()) if selection_file.is_file() else {}
+    trainable = sum(r["trainable"] for r in module.trainable_table)
+    val_rows = [r for r in rows if r.get("val_loss")]
+    last_val = val_rows[-1] if val_rows else {}
+    summary = {"epochs_done": len(rows), "optimizer_steps": trainer.global_step, "trainable_parameters": trainable,
+               "trainable": cfg.trainable, "selection": selection,
+               **{k: (float(last_val[k]) if last_val.get(k) else None)
+                  for k in ("val_loss", "val_diffusion", "val_clip", "val_top1")}}
+    table = [("epochs done", f"{len(rows)} of {cfg.epochs}"), ("optimiser steps", str(trainer.global_step)),
+             ("trainable parameters", f"{trainable:,} ({cfg.trainable} set)"),
+             ("last val loss (diffusion + CLIP term)", last_val.get("val_loss") or "-"),
+             ("last val CLIP term", last_val.get("val_clip") or "-"), ("last val top-1", last_val.get("val_top1") or "-"),
+             ("exported", f"{selection.get('export', '-')} (epoch {selection.get('epoch', '-')}, chosen on "
+                          f"{selection.get('chosen_on', '-')})"), ("fidelity", cfg.fidelity)]
+    write_run_summary(cfg, out_dir, "Stage 2: fine-tuning SD1.5 on EEG", summary, table)
+
+
 @rank_zero_only
-def _print_once(cfg: DictConfig, module: Stage2Module, n_train: int, n_val: int) -> None:
+def _print_once(paths: DictConfig, module: Stage2Module, n_train: int, n_val: int) -> None:
     print(
-        f"stage 2: {n_train} training / {n_val} val trials (subject {cfg.data.subject}, split "
-        f"{cfg.data.split_index}); best checkpoint by {'val top-1' if cfg.classifier else 'val loss'}; "
-        f"output {resolve_path(cfg.output_dir)}" + (" (resuming from checkpoints/last.ckpt)" if cfg.resume else "")
+        f"stage 2: {n_train} training / {n_val} val trials (subject {paths.data.subject}, split "
+        f"{paths.data.split_index}); best checkpoint by {'val top-1' if paths.classifier else 'val loss'}; "
+        f"fidelity {paths.fidelity} (trainable set: {paths.trainable}); output {paths.output_dir}"
+        + (" (resuming from checkpoints/last.ckpt)" if paths.resume else "")
     )
     print(format_table(module.trainable_table))

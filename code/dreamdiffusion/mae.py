@@ -8,8 +8,9 @@ samples of every token, and the loss is the MSE over the hidden tokens only.
 
 Parameter names follow the authors' code (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
 `blocks.N.*` in timm's `Block` layout, `norm.*`), so their stage-1 checkpoints load unchanged:
-`load_eeg_encoder` reads our export folder or their `torch.save({"model": ..., "config": ...})`
-file without running any pickled code.
+`load_eeg_encoder` reads our export folder, our Lightning checkpoint or their
+`torch.save({"model": ..., "config": ...})` file (`dreamdiffusion.original`) without running any
+pickled code. docs/method.md, "Stage 1", says what of the authors' model this follows.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .errors import CheckpointError
-from .io import atomic_path, atomic_write_json, pickled_attrs, safe_torch_load
+from .io import atomic_path, atomic_write_json
 
 # Encoder sizes. `large` is the paper's and the authors' code (Config_MBM_EEG). Note: with
 # mlp_ratio 1.0 it has 151M parameters, not the 297M the paper quotes (that figure matches
@@ -41,15 +43,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_FORMAT = "dreamdiffusion.eeg_encoder.v1"
-# The authors' Config_MBM_EEG attribute -> our constructor argument.
-_AUTHORS_CONFIG_ATTRS = {
-    "embed_dim": "embed_dim",
-    "depth": "depth",
-    "num_heads": "num_heads",
-    "patch_size": "patch_size",
-    "mlp_ratio": "mlp_ratio",
-    "time_len": "n_times",
-}
+PATCH_EMBED_INITS = ("xavier", "normal")
 # Head size assumed when neither a config nor the shapes say how many heads there are (it is the
 # head size of both presets and of the authors' encoder: 1024 / 16).
 _DEFAULT_HEAD_DIM = 64
@@ -80,7 +74,7 @@ class PatchEmbed1D(nn.Module):
         self.proj = nn.Conv1d(n_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, eeg: torch.Tensor) -> torch.Tensor:
-        return self.proj(eeg).transpose(1, 2)
+        return rearrange(self.proj(eeg), "b d l -> b l d")
 
 
 def _vit_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
@@ -106,6 +100,8 @@ class EEGEncoder(nn.Module):
 
     `forward` sees every token and does not prepend the cls token (the authors' `eeg_encoder`,
     which stage 2 consumes). The MAE uses `embed` and `forward_blocks` around its masking.
+    `patch_embed_init` ("xavier" or the authors' "normal") is how a fresh encoder starts; it is not
+    part of `config`, which describes the architecture.
     """
 
     def __init__(
@@ -117,8 +113,11 @@ class EEGEncoder(nn.Module):
         depth: int = 24,
         num_heads: int = 16,
         mlp_ratio: float = 1.0,
+        patch_embed_init: str = "xavier",
     ):
         super().__init__()
+        if patch_embed_init not in PATCH_EMBED_INITS:
+            raise ValueError(f"patch_embed_init must be one of {PATCH_EMBED_INITS}, got {patch_embed_init!r}")
         if n_times % patch_size:
             raise ValueError(f"n_times ({n_times}) must be a multiple of patch_size ({patch_size})")
         if embed_dim % num_heads:
@@ -139,18 +138,23 @@ class EEGEncoder(nn.Module):
         self.num_patches = n_times // patch_size
         self.patch_embed = PatchEmbed1D(n_channels, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed positions (row 0: the cls slot), saved with the weights as in the authors' files.
-        self.register_buffer("pos_embed", sincos_positions_1d(embed_dim, self.num_patches)[None])
+        # Fixed sin-cos positions (row 0: the cls slot), saved with the weights as in the authors'
+        # files. A parameter without gradient, as in MAE: select_trainable's "authors_code" set lets
+        # stage 2 train it, as the authors' code does.
+        self.pos_embed = nn.Parameter(sincos_positions_1d(embed_dim, self.num_patches)[None], requires_grad=False)
         # Unused: kept only because the authors' encoder-only module carries one, so that the key
         # set of our state dict is theirs. A buffer, so that it never trains.
         self.register_buffer("mask_token", torch.zeros(1, 1, embed_dim))
         self.blocks = _vit_blocks(embed_dim, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(embed_dim)
-        self._init_weights()
+        self._init_weights(patch_embed_init)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, patch_embed_init: str) -> None:
         w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over (channels x patch)
+        if patch_embed_init == "xavier":
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over (channels x patch)
+        else:  # the authors' _init_weights gives every Conv1d normal(0, 0.02), overriding xavier
+            nn.init.normal_(w, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
@@ -162,14 +166,15 @@ class EEGEncoder(nn.Module):
             )
         return self.patch_embed(eeg) + self.pos_embed[:, 1:, :]
 
-    def forward_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, N, D] through the transformer blocks and the final LayerNorm."""
+    def forward_blocks(self, tokens: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D] through the transformer blocks and (unless norm=False) the final LayerNorm."""
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)
+        return self.norm(tokens) if norm else tokens
 
-    def forward(self, eeg: torch.Tensor) -> torch.Tensor:
-        return self.forward_blocks(self.embed(eeg))
+    def forward(self, eeg: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """eeg [B, C, T] -> tokens [B, L, D]; norm=False skips the final LayerNorm (for pooling first)."""
+        return self.forward_blocks(self.embed(eeg), norm=norm)
 
 
 class MaskedEEGAutoencoder(nn.Module):
@@ -192,11 +197,13 @@ class MaskedEEGAutoencoder(nn.Module):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mask_ratio: float = 0.75,
+        patch_embed_init: str = "xavier",
     ):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.encoder = EEGEncoder(n_channels, n_times, patch_size, embed_dim, depth, num_heads, mlp_ratio)
+        self.encoder = EEGEncoder(n_channels, n_times, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+                                  patch_embed_init)
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size
         self.n_channels = n_channels
@@ -216,14 +223,11 @@ class MaskedEEGAutoencoder(nn.Module):
 
     def patchify(self, eeg: torch.Tensor) -> torch.Tensor:
         """eeg [B, C, T] -> [B, L, p*C]; token i, entry t*C + c = eeg[:, c, i*p + t]."""
-        b, c, t = eeg.shape
-        p = self.patch_size
-        return eeg.transpose(1, 2).reshape(b, t // p, p * c)
+        return rearrange(eeg, "b c (l p) -> b l (p c)", p=self.patch_size)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L, p*C] -> eeg [B, C, L*p] (inverse of `patchify`)."""
-        b, n_tokens, _ = tokens.shape
-        return tokens.reshape(b, n_tokens * self.patch_size, self.n_channels).transpose(1, 2)
+        return rearrange(tokens, "b l (p c) -> b c (l p)", p=self.patch_size, c=self.n_channels)
 
     # -- the three parts of the MAE ---------------------------------------------------------------
 
@@ -298,6 +302,11 @@ def build_mae(encoder: dict[str, Any], decoder: dict[str, Any], mask_ratio: floa
     return MaskedEEGAutoencoder(**encoder, **decoder, mask_ratio=mask_ratio)
 
 
+def build_encoder(encoder: dict[str, Any]) -> EEGEncoder:
+    """A fresh `EEGEncoder` from the `encoder` group of a stage config (a plain dict)."""
+    return EEGEncoder(**encoder)
+
+
 # -------------------------------------------------------------------------------------------------
 # Saving and loading the encoder
 
@@ -314,7 +323,7 @@ def save_eeg_encoder(encoder: EEGEncoder, out_dir: str | os.PathLike) -> Path:
 
 
 def _infer_sizes(state_dict: dict[str, torch.Tensor], attrs: dict[str, Any], where: str) -> dict[str, Any]:
-    """Encoder sizes from config attributes where given, else from the tensor shapes."""
+    """Encoder sizes from config attributes (our names) where given, else from the tensor shapes."""
     try:
         proj = state_dict["patch_embed.proj.weight"]  # [embed_dim, n_channels, patch_size]
         pos = state_dict["pos_embed"]  # [1, 1 + L, embed_dim]
@@ -330,9 +339,9 @@ def _infer_sizes(state_dict: dict[str, torch.Tensor], attrs: dict[str, Any], whe
         "mlp_ratio": fc1.shape[0] / proj.shape[0],
         "n_times": int((pos.shape[1] - 1) * proj.shape[2]),
     }
-    for attr, name in _AUTHORS_CONFIG_ATTRS.items():
-        if attrs.get(attr) is not None:
-            sizes[name] = float(attrs[attr]) if name == "mlp_ratio" else int(attrs[attr])
+    for name in ("n_channels", "patch_size", "embed_dim", "depth", "n_times", "mlp_ratio"):
+        if attrs.get(name) is not None:
+            sizes[name] = float(attrs[name]) if name == "mlp_ratio" else int(attrs[name])
     if attrs.get("num_heads") is not None:
         sizes["num_heads"] = int(attrs["num_heads"])
     else:
@@ -345,15 +354,27 @@ def _infer_sizes(state_dict: dict[str, torch.Tensor], attrs: dict[str, Any], whe
     return sizes
 
 
+def _key_problems(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> list[str]:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(weights)
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    )
+    return ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else []) \
+        + ([f"shape mismatches {wrong_shape}"] if wrong_shape else [])
+
+
 def eeg_encoder_from_state_dict(
     state_dict: dict[str, torch.Tensor], config_attrs: dict[str, Any] | None = None, where: str = "state dict"
 ) -> EEGEncoder:
     """An `EEGEncoder` (eval mode) holding the encoder weights of `state_dict` (keys WITHOUT prefix).
 
-    Sizes come from `config_attrs` (the authors' names: embed_dim, depth, num_heads, patch_size,
-    mlp_ratio, time_len) where present, else from the tensor shapes. Decoder keys (`decoder_*`)
-    and `mask_token` are dropped (the MAE's mask token lives in the decoder's width). Any other
-    missing or unexpected key, or a shape that does not match, raises `CheckpointError`.
+    Sizes come from `config_attrs` (our argument names: embed_dim, depth, num_heads, patch_size,
+    mlp_ratio, n_times, n_channels) where present, else from the tensor shapes. Decoder keys
+    (`decoder_*`) and `mask_token` are dropped (the MAE's mask token lives in the decoder's width).
+    Any other missing or unexpected key, or a shape that does not match, raises `CheckpointError`.
     """
     attrs = dict(config_attrs or {})
     weights = {
@@ -365,21 +386,8 @@ def eeg_encoder_from_state_dict(
     except ValueError as err:
         raise CheckpointError(f"{where}: encoder sizes {sizes} are inconsistent: {err}") from err
     expected = {k: v for k, v in encoder.state_dict().items() if k != "mask_token"}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(weights)
-        if tuple(weights[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if wrong_shape:
-            problems.append(f"shape mismatches {wrong_shape}")
+    problems = _key_problems(expected, weights)
+    if problems:
         raise CheckpointError(
             f"{where} does not match an EEG encoder of sizes {sizes}: " + "; ".join(problems)
         )
@@ -389,13 +397,32 @@ def eeg_encoder_from_state_dict(
     return encoder.eval()
 
 
-def _encoder_weights_from_lightning(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Our own stage-1 Lightning checkpoint: `state_dict` with `model.encoder.*` keys + plain config."""
-    prefix = "model.encoder."
-    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    encoder_cfg = dict((ckpt.get("config") or {}).get("encoder") or {})
-    attrs = {name: encoder_cfg[ours] for name, ours in _AUTHORS_CONFIG_ATTRS.items() if ours in encoder_cfg}
-    return weights, attrs
+def _load_export_folder(path: Path) -> EEGEncoder:
+    weights_file, config_file = path / EXPORT_WEIGHTS, path / EXPORT_CONFIG
+    for f in (weights_file, config_file):
+        if not f.is_file():
+            raise CheckpointError(
+                f"EEG encoder folder {path} lacks {f.name} (expected {EXPORT_WEIGHTS} + {EXPORT_CONFIG})"
+            )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.pop("format", None) != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_file} is not an EEG encoder export (format {EXPORT_FORMAT!r} expected)")
+    try:
+        encoder = EEGEncoder(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file} holds invalid encoder sizes {config}: {err}") from err
+    try:
+        state = load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own error types on a damaged file
+        raise CheckpointError(f"{weights_file} could not be read as safetensors: {err}") from err
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights_file} does not match {config_file}: {err}") from err
+    return encoder.eval()
 
 
 def load_eeg_encoder(path: str | os.PathLike) -> EEGEncoder:
@@ -404,48 +431,24 @@ def load_eeg_encoder(path: str | os.PathLike) -> EEGEncoder:
     - our export folder (`model.safetensors` + `config.json`, written by `save_eeg_encoder`);
     - an authors' stage-1 checkpoint `{"model": state_dict, "optimizer", "epoch", "config":
       <config.Config_MBM_EEG>}` (read without executing pickled code);
-    - our stage-1 Lightning checkpoint (`checkpoints/last.ckpt`).
+    - our stage-1 Lightning checkpoint (`checkpoints/last.ckpt`);
+    - a `.safetensors` file of encoder weights.
     """
+    from . import original
+
     path = Path(path)
     if path.is_dir():
-        weights_file, config_file = path / EXPORT_WEIGHTS, path / EXPORT_CONFIG
-        for f in (weights_file, config_file):
-            if not f.is_file():
-                raise CheckpointError(
-                    f"EEG encoder folder {path} lacks {f.name} (expected {EXPORT_WEIGHTS} + {EXPORT_CONFIG})"
-                )
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-        if config.pop("format", None) != EXPORT_FORMAT:
-            raise CheckpointError(f"{config_file} is not an EEG encoder export (format {EXPORT_FORMAT!r} expected)")
-        try:
-            encoder = EEGEncoder(**config)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{config_file} holds invalid encoder sizes {config}: {err}") from err
-        state = load_file(str(weights_file))
-        try:
-            encoder.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{weights_file} does not match {config_file}: {err}") from err
-        return encoder.eval()
-
+        return _load_export_folder(path)
     if not path.is_file():
         raise CheckpointError(f"EEG encoder not found: {path} (expected an export folder or a checkpoint file)")
     if path.suffix == ".safetensors":
-        return eeg_encoder_from_state_dict(load_file(str(path)), None, where=str(path))
-    ckpt = safe_torch_load(path, "EEG encoder checkpoint")
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return eeg_encoder_from_state_dict(ckpt["model"], pickled_attrs(ckpt.get("config")), where=str(path))
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        weights, attrs = _encoder_weights_from_lightning(ckpt)
-        return eeg_encoder_from_state_dict(weights, attrs, where=str(path))
-    keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise CheckpointError(
-        f"{path} is not a stage-1 checkpoint: expected a dict with 'model' (the authors' format) or "
-        f"'state_dict' (ours), found {keys}"
-    )
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path} could not be read as safetensors: {err}") from err
+        return eeg_encoder_from_state_dict(state, None, where=str(path))
+    weights, attrs = original.read_stage1_checkpoint(path)
+    return eeg_encoder_from_state_dict(weights, attrs, where=str(path))
 
 
 def count_parameters(module: nn.Module) -> int:

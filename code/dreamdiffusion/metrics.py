@@ -1,6 +1,6 @@
 """The paper's evaluation: the n-way top-k accuracy (exact or sampled) and the image metrics around it.
 
-n-way top-k (REFERENCE section 4). For one generated image the classifier gives probabilities over
+n-way top-k (docs/method.md, "Evaluation"). For one generated image the classifier gives probabilities over
 C classes; `ref_class` is the classifier's arg-max on the ground-truth image. The authors draw
 `n_way - 1` other classes without replacement, and score a hit when the reference class is among the
 `top_k` highest of these `n_way` probabilities; they repeat this 50 times per image. The expectation
@@ -21,17 +21,19 @@ same rule, so both agree in expectation. (The authors' torchmetrics call breaks 
 
 Image metrics follow the authors' conventions: images as uint8 arrays [N, H, W, 3] (channel last);
 MSE on values scaled to [0, 1]; PCC = Pearson correlation of the flattened pixels; SSIM from
-scikit-image with `data_range=255`, `channel_axis=-1`. LPIPS (AlexNet), FID / IS / KID (Inception)
-come from torchmetrics with feature networks loaded from LOCAL files: nothing here downloads.
+scikit-image with `data_range=255`, `channel_axis=-1`. LPIPS (AlexNet, torchmetrics'
+`LearnedPerceptualImagePatchSimilarity`), FID / IS / KID (Inception) come from torchmetrics with
+feature networks loaded from LOCAL files: nothing here downloads.
 
 Every per-image score is kept per trial and per sample slot ([n_trials, n_slots]); `summarize`
-reports per-slot means, the mean over slots and the best slot, each with a seeded bootstrap 95%
-interval over trials.
+reports per-slot means, the mean over slots and the best slot (by the metric's direction: lowest
+for the metrics in LOWER_IS_BETTER), each with a seeded bootstrap 95% interval over trials.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -169,36 +171,45 @@ def ssim(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # LPIPS (AlexNet) from local weights
 
 
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # the file torchvision's AlexNet_Weights.DEFAULT downloads
+
+
 class LPIPS(nn.Module):
-    """LPIPS distance with AlexNet features. `alexnet_weights` is torchvision's
-    `alexnet-owt-7be5be79.pth` (a local file); the linear calibration layers ship with torchmetrics.
-    forward(generated, reference): [N, 3, H, W] in [-1, 1] each -> distances [N].
+    """LPIPS distance with AlexNet features: torchmetrics' `LearnedPerceptualImagePatchSimilarity`
+    (its linear calibration layers ship with it), the backbone from a LOCAL copy of torchvision's
+    `alexnet-owt-7be5be79.pth`.
+
+    forward(generated, reference): float [N, 3, H, W] in [0, 1] each -> distances [N].
     """
 
     def __init__(self, alexnet_weights: str | Path):
         super().__init__()
-        import torchvision
-        from torchmetrics.functional.image.lpips import _LPIPS
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         path = Path(alexnet_weights)
         if not path.is_file():
             raise CheckpointError(f"LPIPS AlexNet weights not found: {path} (expected torchvision's "
-                                  "alexnet-owt-7be5be79.pth; see pretrains/README.md)")
-        alexnet = torchvision.models.alexnet(weights=None)
-        try:
-            alexnet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except RuntimeError as err:
-            raise CheckpointError(f"{path} is not a torchvision AlexNet state dict: {err}") from err
-        # pnet_rand=True builds the backbone without downloading; its slices hold AlexNet's
-        # `features` layers under their original indices, so we copy the local weights in.
-        self.lpips = _LPIPS(pretrained=True, net="alex", pnet_rand=True).eval().requires_grad_(False)
-        for slice_ in (getattr(self.lpips.net, f"slice{k}") for k in range(1, 6)):
-            for name, layer in slice_.named_children():
-                layer.load_state_dict(alexnet.features[int(name)].state_dict())
+                                  f"{ALEXNET_FILE}; see pretrains/README.md)")
+        # torchvision looks for its weights in torch.hub's cache before downloading; pointing the
+        # cache at a folder holding (a link to) the local file makes the public metric load it.
+        with tempfile.TemporaryDirectory() as hub_dir:
+            (Path(hub_dir) / "checkpoints").mkdir()
+            (Path(hub_dir) / "checkpoints" / ALEXNET_FILE).symlink_to(path.resolve())
+            previous = torch.hub.get_dir()
+            torch.hub.set_dir(hub_dir)
+            try:
+                self.metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"{path} is not a torchvision AlexNet state dict: {err}") from err
+            finally:
+                torch.hub.set_dir(previous)
+        self.metric.eval().requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return self.lpips(generated.float(), reference.float()).reshape(-1)
+        scores = self.metric(generated.float(), reference.float()).reshape(-1)  # reduction="none": per pair
+        self.metric.reset()  # forward also accumulates every score; nothing here needs them
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,39 +298,6 @@ def distribution_metrics(generated: torch.Tensor, reference: torch.Tensor, featu
 # ---------------------------------------------------------------------------------------------
 # CLIP: image-image similarity and the EEG-side retrieval accuracy
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP preprocessing
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, 3, H, W] in [-1, 1] -> CLIP input [N, 3, size, size]: bicubic resize of the shortest
-    side, centre crop, CLIP mean/std (as CLIPImageProcessor does)."""
-    images = (images.float().clamp(-1, 1) + 1) / 2
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                           antialias=True).clamp(0, 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    images = images[..., top : top + size, left : left + size]
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-@torch.no_grad()
-def clip_image_embeddings(clip_model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Projected CLIP image embeddings (L2-normalised) [N, D] of images in [-1, 1]."""
-    size = clip_model.config.vision_config.image_size if hasattr(clip_model.config, "vision_config") \
-        else clip_model.config.image_size
-    device = next(clip_model.parameters()).device
-    dtype = next(clip_model.parameters()).dtype
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = clip_preprocess(images[start : start + batch_size].to(device), size).to(dtype)
-        out.append(F.normalize(clip_model(pixel_values=pixels).image_embeds.float(), dim=-1).cpu())
-    return torch.cat(out)
-
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Row-wise cosine similarity of two [N, D] embedding sets: [N]."""
@@ -377,26 +355,33 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def summarize(per_image: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+# Metrics where a smaller value is better: their "best slot" is the lowest per-slot mean.
+LOWER_IS_BETTER = frozenset({"mse", "lpips", "fid", "kid"})
+
+
+def summarize(per_image: np.ndarray, n_bootstrap: int = 1000, seed: int = 0, lower_is_better: bool = False) -> dict:
     """Summary of one metric over [n_trials, n_slots] per-image values.
 
     per_slot: mean over trials of each sample slot; mean: over slots (the paper's "mean");
-    best_slot: the highest per-slot mean (the paper's "max"; for a metric where lower is better
-    the caller reads `worst_slot`); each with a bootstrap 95% interval over trials.
+    best_slot: the best per-slot mean (the paper's "max" for accuracies; the lowest for a metric
+    where lower is better) and worst_slot the other end; each with a bootstrap 95% interval over trials.
     """
     per_image = np.asarray(per_image, dtype=np.float64)
     if per_image.ndim == 1:
         per_image = per_image[:, None]
     per_slot = per_image.mean(axis=0)
-    best = int(per_slot.argmax())
+    pick, other = (np.argmin, np.argmax) if lower_is_better else (np.argmax, np.argmin)
+    reduce = (lambda v: v.mean(axis=0).min()) if lower_is_better else (lambda v: v.mean(axis=0).max())
+    best, worst = int(pick(per_slot)), int(other(per_slot))
     return {
         "per_slot": per_slot.tolist(),
         "mean": float(per_slot.mean()),
         "mean_ci95": bootstrap_ci(per_image, lambda v: v.mean(), n_bootstrap, seed),
         "best_slot": float(per_slot[best]),
         "best_slot_index": best,
-        "best_slot_ci95": bootstrap_ci(per_image, lambda v: v.mean(axis=0).max(), n_bootstrap, seed),
-        "worst_slot": float(per_slot.min()),
+        "best_slot_ci95": bootstrap_ci(per_image, reduce, n_bootstrap, seed),
+        "worst_slot": float(per_slot[worst]),
+        "lower_is_better": bool(lower_is_better),
         "n_trials": int(per_image.shape[0]),
         "n_slots": int(per_image.shape[1]),
     }

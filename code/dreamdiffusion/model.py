@@ -11,7 +11,8 @@
       towards the frozen CLIP image embedding of the image the subject saw.
 
 Sizes come from the encoder, the UNet config and the CLIP config, so tiny models work the same way.
-What trains is decided in one place, `select_trainable`.
+What trains is decided in one place, `select_trainable` ("paper" or the authors' code's set; see
+docs/method.md, "Stage 2").
 """
 
 from __future__ import annotations
@@ -28,17 +29,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from . import original
 from .errors import CheckpointError, ConfigError
-from .io import atomic_path, atomic_write_json, pickled_attrs, safe_torch_load
-from .sd15 import (
-    SD15Components,
-    _load_diffusers_folder,
-    build_sd15,
-    load_compvis_weights,
-    load_sd15,
-    read_sd15_configs,
-)
+from .io import atomic_path, atomic_write_json
+from .sd15 import SD15Components, load_diffusers_folder, sd15_from_compvis, set_latent_scale
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +42,10 @@ FORMAT = "dreamdiffusion-stage2/1"
 CONFIG_NAME = "dreamdiffusion.json"
 CONDITIONER_WEIGHTS = "conditioner.safetensors"
 # Encoder parameters that never take part in its forward pass (kept for checkpoint compatibility)
-# or are a fixed sin-cos table: they stay frozen even though the conditioner trains.
-ENCODER_FIXED = ("cls_token", "mask_token", "pos_embed")
+# or are a fixed sin-cos table: they stay frozen even though the conditioner trains. The authors'
+# code trains pos_embed too (every cond_stage_model parameter gets requires_grad=True).
+ENCODER_FIXED = {"paper": ("cls_token", "mask_token", "pos_embed"), "authors_code": ("cls_token", "mask_token")}
+TRAINABLE_SETS = tuple(ENCODER_FIXED)
 CLIP_LOSSES = ("cosine", "contrastive")
 
 
@@ -58,11 +56,6 @@ class EEGCondition:
     context: torch.Tensor  # [B, context_tokens, cross_attention_dim], in place of the text embedding
     time_embedding: torch.Tensor | None  # [B, time_embed_dim], added to the timestep embedding
     clip_embedding: torch.Tensor  # [B, clip_dim], aligned to CLIP's image embedding
-
-    def repeat_interleave(self, n: int) -> EEGCondition:
-        """Each condition repeated n times along the batch (n images per EEG trial)."""
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return EEGCondition(rep(self.context), rep(self.time_embedding), rep(self.clip_embedding))
 
 
 class EEGConditioner(nn.Module):
@@ -80,12 +73,14 @@ class EEGConditioner(nn.Module):
         clip_dim: int,
         context_tokens: int = 77,
         global_pool: bool = False,
+        pool_before_norm: bool = False,
     ):
         super().__init__()
         n_tokens, width = encoder.num_patches, encoder.embed_dim
         self.encoder = encoder
         self.context_tokens = 1 if global_pool else context_tokens
         self.global_pool = global_pool
+        self.pool_before_norm = pool_before_norm
         if not global_pool:
             # names .0/.1 as in the authors' nn.Sequential, so their weights map one to one
             self.channel_mapper = nn.Sequential(
@@ -113,12 +108,19 @@ class EEGConditioner(nn.Module):
             "clip_dim": self.clip_head[1].out_features,
             "context_tokens": self.context_tokens,
             "global_pool": self.global_pool,
+            "pool_before_norm": self.pool_before_norm,
         }
 
     def forward(self, eeg: torch.Tensor) -> EEGCondition:
         """eeg [B, n_channels, n_times] -> EEGCondition."""
-        tokens = self.encoder(eeg)  # [B, N, D]
-        pooled = tokens.mean(dim=1, keepdim=True) if self.global_pool else self.channel_mapper(tokens)
+        features = self.encoder(eeg, norm=False)  # [B, N, D], before the final LayerNorm
+        tokens = self.encoder.norm(features)
+        if not self.global_pool:
+            pooled = self.channel_mapper(tokens)  # [B, 77, D]
+        elif self.pool_before_norm:  # the authors' encoder averages, then normalises
+            pooled = self.encoder.norm(features.mean(dim=1, keepdim=True))
+        else:
+            pooled = tokens.mean(dim=1, keepdim=True)
         context = self.dim_mapper(pooled)  # [B, 77, context_dim]
         time_embedding = None if self.time_cond is None else self.time_cond(context).squeeze(1)
         clip_embedding = self.clip_head(tokens).squeeze(1)  # [B, clip_dim]
@@ -142,8 +144,10 @@ def clip_alignment_loss(
 class DreamDiffusion(nn.Module):
     """SD1.5 (UNet + VAE + noise schedule) conditioned on EEG through an `EEGConditioner`.
 
-    `clip_encoder` (frozen CLIP image tower) is only needed for training with clip_weight > 0; it
-    is never saved with the model.
+    `clip_encoder` (an `ImageEmbedder`, the CLIP image tower) is only needed for training with clip_weight > 0; it is
+    never saved with the model. `clip_target="frozen"` runs it under no_grad (the paper);
+    "drifting" runs it with gradients, as the authors' code does, so whatever of it
+    `select_trainable` lets train (their layer_norm2) moves with the alignment loss.
     """
 
     def __init__(
@@ -156,8 +160,11 @@ class DreamDiffusion(nn.Module):
         clip_weight: float = 1.0,
         clip_loss: str = "cosine",
         clip_temperature: float = 0.07,
+        clip_target: str = "frozen",
     ):
         super().__init__()
+        if clip_target not in ("frozen", "drifting"):
+            raise ConfigError(f"clip_target must be 'frozen' or 'drifting', got {clip_target!r}")
         if clip_loss not in CLIP_LOSSES:
             raise ConfigError(f"clip_loss must be one of {CLIP_LOSSES}, got {clip_loss!r}")
         sizes = conditioner.sizes
@@ -172,10 +179,10 @@ class DreamDiffusion(nn.Module):
                 f"time_cond={'on' if sizes['time_embed_dim'] else 'off'}, "
                 f"class_embed_type={unet.config.class_embed_type!r}"
             )
-        if clip_encoder is not None and clip_encoder.config.projection_dim != sizes["clip_dim"]:
+        if clip_encoder is not None and clip_encoder.projection_dim != sizes["clip_dim"]:
             raise ConfigError(
                 f"the CLIP head outputs {sizes['clip_dim']} values but the CLIP image embedding has "
-                f"{clip_encoder.config.projection_dim}"
+                f"{clip_encoder.projection_dim}"
             )
         self.conditioner = conditioner
         self.unet = unet
@@ -185,6 +192,9 @@ class DreamDiffusion(nn.Module):
         self.clip_weight = clip_weight
         self.clip_loss = clip_loss
         self.clip_temperature = clip_temperature
+        self.clip_target = clip_target
+        # Where vae.config.scaling_factor came from (the protocol of stage 3 prints it).
+        self.latent_scale_source = "the VAE config"
         for frozen in (self.vae, self.clip_encoder):
             if frozen is not None:
                 frozen.requires_grad_(False)
@@ -200,6 +210,7 @@ class DreamDiffusion(nn.Module):
         clip_dim: int | None = None,
         context_tokens: int = 77,
         global_pool: bool = False,
+        pool_before_norm: bool = False,
         **loss_settings,
     ) -> DreamDiffusion:
         """Wire an encoder to SD components. `sd.unet` must have class_embed_type="identity" for the
@@ -208,7 +219,7 @@ class DreamDiffusion(nn.Module):
         if clip_dim is None:
             if clip_encoder is None:
                 raise ConfigError("give clip_dim or a clip_encoder to size the CLIP head")
-            clip_dim = clip_encoder.config.projection_dim
+            clip_dim = clip_encoder.projection_dim
         conditioner = EEGConditioner(
             encoder,
             context_dim=sd.unet.config.cross_attention_dim,
@@ -216,6 +227,7 @@ class DreamDiffusion(nn.Module):
             clip_dim=clip_dim,
             context_tokens=context_tokens,
             global_pool=global_pool,
+            pool_before_norm=pool_before_norm,
         )
         return cls(conditioner, sd.unet, sd.vae, sd.noise_scheduler, clip_encoder, **loss_settings)
 
@@ -300,8 +312,9 @@ class DreamDiffusion(nn.Module):
         if self.clip_weight > 0:
             if self.clip_encoder is None:
                 raise ConfigError("clip_weight > 0 needs a CLIP image encoder (clip_path)")
-            with torch.no_grad():
-                image_embeds = self.clip_encoder(pixel_values=batch["clip_pixel_values"]).image_embeds
+            # The paper's target is frozen; the authors' drifts (its layer_norm2 trains through this loss).
+            with torch.set_grad_enabled(self.clip_target == "drifting" and torch.is_grad_enabled()):
+                image_embeds = self.clip_encoder(batch["clip_pixel_values"])
             losses["clip"] = clip_alignment_loss(
                 condition.clip_embedding.float(), image_embeds.float(), self.clip_loss, self.clip_temperature
             )
@@ -357,7 +370,7 @@ class DreamDiffusion(nn.Module):
         if settings.get("format") != FORMAT:
             raise CheckpointError(f"{root / CONFIG_NAME}: format {settings.get('format')!r}, expected {FORMAT!r}")
         overrides = time_cond_overrides() if settings["time_embed_dim"] else {}
-        sd = _load_diffusers_folder(root, overrides)
+        sd = load_diffusers_folder(root, overrides)
         conditioner = EEGConditioner(
             EEGEncoder(**settings["encoder"]),
             context_dim=settings["context_dim"],
@@ -365,6 +378,7 @@ class DreamDiffusion(nn.Module):
             clip_dim=settings["clip_dim"],
             context_tokens=settings["context_tokens"],
             global_pool=settings["global_pool"],
+            pool_before_norm=settings.get("pool_before_norm", False),  # folders written before the switch
         )
         _load_strict(conditioner, load_file(str(root / CONDITIONER_WEIGHTS)), str(root / CONDITIONER_WEIGHTS))
         model = cls(
@@ -376,97 +390,56 @@ class DreamDiffusion(nn.Module):
 
     @classmethod
     def from_original_checkpoint(
-        cls, path: str | os.PathLike, sd_config: str | os.PathLike = "configs/sd15", clip_encoder: nn.Module | None = None
+        cls, path: str | os.PathLike, sd_config: str | os.PathLike | None = None,
+        clip_encoder: nn.Module | None = None,
     ) -> DreamDiffusion:
         """The authors' released generation checkpoint (`checkpoint.pth` of their eeg_ldm.py).
 
-        `{"model_state_dict": <LatentDiffusion state dict>, "config": <Config_Generative_Model>,
-        "state": <rng state>}`, read without running pickled code. The SD1.5 architecture comes from
-        `sd_config` (a diffusers-layout config folder); the encoder's sizes from the pickled config
-        (`embed_dim`, `depth`, `num_heads`, `patch_size`, `mlp_ratio`) or the tensor shapes.
+        Read by `original.read_generation_checkpoint` without running pickled code. The UNet/VAE
+        architecture comes from `sd_config` (a diffusers-layout config folder; default SD1.5's), the
+        encoder's sizes from the pickled config or the tensor shapes, the latent scale from the
+        state dict's `scale_factor` when it has one (`model.latent_scale_source` says which).
         """
-        from .config import resolve_path
         from .mae import eeg_encoder_from_state_dict
 
-        source = str(path)
-        checkpoint = safe_torch_load(resolve_path(path), "DreamDiffusion generation checkpoint")
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state_dict"), dict):
-            raise CheckpointError(
-                f"{source} is not an authors'-format generation checkpoint: expected a dict with "
-                "'model_state_dict' (and 'config'), as written by their eeg_ldm.py"
-            )
-        state = checkpoint["model_state_dict"]
-        attrs = pickled_attrs(checkpoint.get("config"))
-        groups: dict[str, dict[str, torch.Tensor]] = {
-            "encoder": {}, "channel_mapper": {}, "dim_mapper": {}, "clip_head": {}, "time_cond": {}
-        }
-        rename = {
-            "cond_stage_model.mae.": "encoder",
-            "cond_stage_model.channel_mapper.": "channel_mapper",
-            "cond_stage_model.dim_mapper.": "dim_mapper",
-            "cond_stage_model.mapping.": "clip_head",
-            "model.diffusion_model.time_embed_condtion.": "time_cond",  # sic, their spelling
-        }
-        # The CLIP head is their `mapping` module: maxpool = Conv1d(N -> 1), fc = Linear(D -> 768).
-        head_names = {"maxpool.": "0.", "fc.": "1."}
-        unused_prefixes = ("image_embedder.", "cond_stage_model.cls_net.")
-        sd_part, unused = {}, []
-        for key, tensor in state.items():
-            prefix = next((p for p in rename if key.startswith(p)), None)
-            if prefix is None:
-                if key.startswith(unused_prefixes):
-                    unused.append(key)
-                else:
-                    sd_part[key] = tensor
-                continue
-            rest = key[len(prefix):]
-            if rename[prefix] == "clip_head":
-                rest = next((new + rest[len(old):] for old, new in head_names.items() if rest.startswith(old)), rest)
-            groups[rename[prefix]][rest] = tensor
-        for required in ("encoder", "dim_mapper"):
-            if not groups[required]:
-                raise CheckpointError(
-                    f"{source} has no 'cond_stage_model.{'mae' if required == 'encoder' else required}.*' "
-                    "keys: not a DreamDiffusion generation checkpoint"
-                )
-        if not groups["clip_head"]:
-            raise CheckpointError(f"{source} has no 'cond_stage_model.mapping.*' (CLIP head) keys; it was trained without clip_tune")
-
-        encoder_attrs = {k: attrs[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio") if k in attrs}
-        encoder = eeg_encoder_from_state_dict(groups["encoder"], encoder_attrs or None)
-        global_pool = not groups["channel_mapper"]
-        use_time_cond = bool(groups["time_cond"])
-        unet_config, vae_config, scheduler_config = read_sd15_configs(resolve_path(sd_config))
-        overrides = time_cond_overrides() if use_time_cond else {}
-        with torch.device("meta"):  # key check on an empty skeleton: a mismatch fails before any allocation
-            skeleton = build_sd15(unet_config, vae_config, scheduler_config, unet_overrides=overrides)
-        load_compvis_weights(skeleton.unet, skeleton.vae, sd_part, source, check_only=True)
-        sd = build_sd15(unet_config, vae_config, scheduler_config, unet_overrides=overrides)
-        skipped = load_compvis_weights(sd.unet, sd.vae, sd_part, source)
-        unused += skipped
-        if unused:
-            logger.info("%s: skipped %d keys of parts not used here (%s)", source, len(unused),
-                        ", ".join(sorted({k.split(".")[0] for k in unused})))
-
-        if use_time_cond:
-            last = "weight" if global_pool else "2.weight"
-            time_dim = groups["time_cond"][last].shape[0]
-        context_tokens = groups["channel_mapper"]["1.weight"].shape[0] if not global_pool else 1
-        conditioner = EEGConditioner(
-            encoder,
-            context_dim=sd.unet.config.cross_attention_dim,
-            time_embed_dim=time_dim if use_time_cond else None,
-            clip_dim=groups["clip_head"]["1.weight"].shape[0],
-            context_tokens=context_tokens,
-            global_pool=global_pool,
-        )
-        conditioner_state = {
-            f"{group}.{k}": v for group, tensors in groups.items() if group != "encoder" for k, v in tensors.items()
-        }
-        conditioner_state.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
-        _load_strict(conditioner, conditioner_state, source)
+        checkpoint = original.read_generation_checkpoint(path)
+        source = checkpoint.source
+        encoder = eeg_encoder_from_state_dict(checkpoint.conditioner["encoder"], checkpoint.encoder_sizes or None,
+                                              where=source)
+        overrides = time_cond_overrides() if checkpoint.use_time_cond else {}
+        sd = sd15_from_compvis(checkpoint.compvis, source, sd_config, unet_overrides=overrides)
+        if checkpoint.scale_factor is not None:  # LatentDiffusion's learnt latent scale (scale_by_std)
+            set_latent_scale(sd, checkpoint.scale_factor, source)
+            sd.latent_scale_source = "the checkpoint's scale_factor key"
+        if checkpoint.unused:
+            logger.info("%s: skipped %d keys of parts not used here (%s)", source, len(checkpoint.unused),
+                        ", ".join(sorted({k.split(".")[0] for k in checkpoint.unused})))
+        conditioner = _conditioner_for(checkpoint, encoder, sd.unet.config.cross_attention_dim)
         model = cls(conditioner, sd.unet, sd.vae, sd.noise_scheduler, clip_encoder)
+        model.latent_scale_source = sd.latent_scale_source
         return model.eval()
+
+
+def _conditioner_for(checkpoint: original.GenerationCheckpoint, encoder: nn.Module, context_dim: int) -> EEGConditioner:
+    """An EEGConditioner sized like the checkpoint's parts, holding their weights (strictly)."""
+    parts, global_pool = checkpoint.conditioner, checkpoint.global_pool
+    time_dim = None
+    if checkpoint.use_time_cond:
+        time_dim = parts["time_cond"]["weight" if global_pool else "2.weight"].shape[0]
+    conditioner = EEGConditioner(
+        encoder,
+        context_dim=context_dim,
+        time_embed_dim=time_dim,
+        clip_dim=parts["clip_head"]["1.weight"].shape[0],
+        context_tokens=1 if global_pool else parts["channel_mapper"]["1.weight"].shape[0],
+        global_pool=global_pool,
+        # their encoder averages before its final norm (docs/method.md, "Stage 2")
+        pool_before_norm=global_pool,
+    )
+    state = {f"{part}.{k}": v for part, tensors in parts.items() if part != "encoder" for k, v in tensors.items()}
+    state.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+    _load_strict(conditioner, state, checkpoint.source)
+    return conditioner
 
 
 def time_embed_dim(unet_config) -> int:
@@ -497,29 +470,45 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str)
 # What trains
 
 
-def select_trainable(model: DreamDiffusion) -> list[dict[str, Any]]:
-    """Decide what trains, as in the authors' code (REFERENCE section 3), and nothing more.
+def select_trainable(model: DreamDiffusion, trainable: str = "paper") -> list[dict[str, Any]]:
+    """Decide what trains, by module type, and nothing more (docs/method.md, "What trains").
 
-    Trainable: the whole EEG conditioner (except the encoder's unused tokens and fixed sin-cos
-    positions, ENCODER_FIXED, and the CLIP head when clip_weight is 0); in the UNet, each transformer block's cross-attention `attn2` and
-    the LayerNorm in front of it (`norm2` of `BasicTransformerBlock`, selected by module type:
-    ResNet blocks have a `norm2` too). Everything else - the rest of the UNet, the VAE, CLIP - gets
-    requires_grad=False. Returns one row per group: {"group", "trainable", "frozen"} (parameter counts).
+    "paper": the whole EEG conditioner (except the encoder's unused tokens and fixed sin-cos
+    positions, and the CLIP head when clip_weight is 0) and, in the UNet, each transformer block's
+    cross-attention `attn2` and the LayerNorm in front of it (`norm2` of `BasicTransformerBlock`;
+    ResNet blocks have a `norm2` too). 198,330,697 parameters at SD1.5 size.
+    "authors_code": that, plus what the authors' code changes besides - the encoder's `pos_embed`
+    (every cond_stage_model parameter gets requires_grad) and CLIP's `layer_norm2` (caught by
+    their `'norm2' in name` filter; trained through the CLIP loss, so the model is switched to a
+    drifting CLIP target). 198,511,945 parameters. Their optimiser also lists parameters that never
+    change (cls/mask tokens, the VAE's ResNet norm2: no gradient reaches them); those stay frozen.
+    Everything else gets requires_grad=False. Returns one row per group: {"group", "trainable", "frozen"}.
     """
+    if trainable not in TRAINABLE_SETS:
+        raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, got {trainable!r}")
     model.requires_grad_(False)
+    fixed = ENCODER_FIXED[trainable]
     for name, param in model.conditioner.named_parameters():
-        param.requires_grad = not (name.startswith("encoder.") and name.split(".")[1] in ENCODER_FIXED)
+        param.requires_grad = not (name.startswith("encoder.") and name.split(".")[1] in fixed)
     if model.clip_weight == 0:
         # without the CLIP loss nothing reaches the CLIP head (and DDP rejects parameters without gradients)
         model.conditioner.clip_head.requires_grad_(False)
-    for module in model.unet.modules():
-        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None:
-            module.attn2.requires_grad_(True)
-            module.norm2.requires_grad_(True)
-    cross_attention = {
-        id(p) for m in model.unet.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None
-        for p in (*m.attn2.parameters(), *m.norm2.parameters())
-    }
+    cross_attention = [m for m in model.unet.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None]
+    for block in cross_attention:
+        block.attn2.requires_grad_(True)
+        block.norm2.requires_grad_(True)
+    model.clip_target = "frozen"
+    if trainable == "authors_code" and model.clip_encoder is not None and model.clip_weight > 0:
+        for layer in model.clip_encoder.modules():
+            if isinstance(layer, CLIPEncoderLayer):
+                layer.layer_norm2.requires_grad_(True)
+        model.clip_target = "drifting"
+    table = _parameter_table(model, {id(p) for m in cross_attention for p in (*m.attn2.parameters(), *m.norm2.parameters())})
+    logger.info("trainable parameters (%s):\n%s", trainable, format_table(table))
+    return table
+
+
+def _parameter_table(model: DreamDiffusion, cross_attention: set[int]) -> list[dict[str, Any]]:
     groups = {
         "conditioner.encoder": list(model.conditioner.encoder.parameters()),
         "conditioner.mappers+heads": [p for n, p in model.conditioner.named_parameters() if not n.startswith("encoder.")],
@@ -528,7 +517,7 @@ def select_trainable(model: DreamDiffusion) -> list[dict[str, Any]]:
         "vae": list(model.vae.parameters()),
         "clip": list(model.clip_encoder.parameters()) if model.clip_encoder is not None else [],
     }
-    table = [
+    return [
         {
             "group": group,
             "trainable": sum(p.numel() for p in params if p.requires_grad),
@@ -536,8 +525,6 @@ def select_trainable(model: DreamDiffusion) -> list[dict[str, Any]]:
         }
         for group, params in groups.items()
     ]
-    logger.info("trainable parameters:\n%s", format_table(table))
-    return table
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
@@ -548,54 +535,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_model(
-    cfg,
-    encoder: nn.Module | None = None,
-    clip_encoder: nn.Module | None = None,
-) -> DreamDiffusion:
-    """A DreamDiffusion from a Stage2Config (paths resolved against the repository root).
-
-    Raises CheckpointError, with what to download and where, when SD1.5, CLIP or the stage-1 encoder
-    is missing - before any training starts.
-    """
-    from .clip_embedder import load_clip_image_encoder
-    from .mae import EEGEncoder, load_eeg_encoder
-
-    if clip_encoder is None and cfg.clip_weight > 0:
-        clip_encoder = load_clip_image_encoder(cfg.clip_path)
-    overrides = time_cond_overrides() if cfg.use_time_cond else {}
-    sd = load_sd15(cfg.sd_path, cfg.sd_config_dir, unet_overrides=overrides)
-    if encoder is None:
-        if cfg.eeg_encoder_path:
-            from .config import resolve_path
-
-            path = resolve_path(cfg.eeg_encoder_path)
-            if not path.exists():
-                raise CheckpointError(
-                    f"stage-1 EEG encoder not found at {path}: run stage 1 (code/stage1_pretrain_eeg.py) "
-                    "or download the authors' pretrained encoder (see pretrains/README.md), or set "
-                    "eeg_encoder_path=null to train the encoder from scratch"
-                )
-            encoder = load_eeg_encoder(path)
-        else:
-            enc = cfg.encoder
-            encoder = EEGEncoder(
-                n_channels=enc.n_channels, n_times=enc.n_times, patch_size=enc.patch_size,
-                embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio,
-            )
-    if encoder.config.get("n_times", cfg.data.n_times) != cfg.data.n_times:
-        raise ConfigError(
-            f"the EEG encoder expects n_times={encoder.config['n_times']} but data.n_times={cfg.data.n_times}"
-        )
-    clip_dim = clip_encoder.config.projection_dim if clip_encoder is not None else cfg.clip_dim
-    return DreamDiffusion.build(
-        encoder, sd, clip_encoder=clip_encoder, clip_dim=clip_dim, context_tokens=cfg.context_tokens,
-        global_pool=cfg.global_pool, clip_weight=cfg.clip_weight, clip_loss=cfg.clip_loss,
-        clip_temperature=cfg.clip_temperature,
-    )
-
-
 __all__ = [
     "DreamDiffusion", "EEGConditioner", "EEGCondition", "select_trainable", "format_table",
-    "clip_alignment_loss", "time_embed_dim", "time_cond_overrides", "build_model",
+    "clip_alignment_loss", "time_embed_dim", "time_cond_overrides",
 ]

@@ -7,10 +7,12 @@
 Samplers, all built from the model's own noise-scheduler config (SD1.5: scaled-linear betas,
 1000 steps, epsilon prediction, "leading" spacing with steps_offset 1, alpha_prev at the last step =
 alphas_cumprod[0] rather than 1):
-  - "plms" (default, 250 steps as the authors): diffusers' `PNDMScheduler` with `skip_prk_steps=True`,
-    i.e. the linear multi-step PLMS of Liu et al. that LDM's `PLMSSampler` implements. The warm-up
-    differs slightly: LDM's first step is an improved-Euler step with two UNet calls; diffusers
-    repeats the first timestep (251 UNet calls for 250 steps). The timesteps (997, 993, ..., 1) match.
+  - "plms" (default, 250 steps as the authors): diffusers' `PNDMScheduler` with `skip_prk_steps=True`.
+    This is LDM's `PLMSSampler` (Liu et al.'s linear multi-step method): S + 1 UNet calls for S
+    steps in both - diffusers' repeated second timestep is LDM's pseudo improved-Euler first step
+    (two calls, averaged), followed by the same 2-, 3- and 4-step Adams-Bashforth combinations of
+    the eps history. The timesteps (997, 993, ..., 1) match, and an independent implementation of
+    LDM's update equations gives the same latents to float precision (tests/test_pipeline.py).
   - "ddim" (`DDIMScheduler`, `eta` as given; eta=0 is deterministic), 250 steps by default;
   - "dpm++" (`DPMSolverMultistepScheduler`, 2nd order, 25 steps by default).
 
@@ -42,7 +44,7 @@ from .errors import ConfigError
 SAMPLERS = ("plms", "ddim", "dpm++")
 DEFAULT_STEPS = {"plms": 250, "ddim": 250, "dpm++": 25}
 NULL_CONDITIONS = ("zero", "learned")
-OUTPUT_TYPES = ("pt", "np", "pil")
+OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 # 2**63 - 1: the largest seed a torch.Generator accepts
 _MAX_SEED = 2**63 - 1
 
@@ -50,7 +52,8 @@ _MAX_SEED = 2**63 - 1
 @dataclass
 class DreamDiffusionPipelineOutput(BaseOutput):
     """images: "pt" float [n_trials, n_images_per_eeg, 3, H, W] in [-1, 1]; "np" uint8
-    [n_trials, n_images_per_eeg, H, W, 3]; "pil" a list (per trial) of lists of PIL images."""
+    [n_trials, n_images_per_eeg, H, W, 3]; "pil" a list (per trial) of lists of PIL images;
+    "latent" the final latents [n_trials, n_images_per_eeg, C, h, w] (scaled, not decoded)."""
 
     images: Any
 
@@ -103,7 +106,7 @@ class DreamDiffusionPipeline(DiffusionPipeline):
     # -- arguments ------------------------------------------------------------------------------
 
     def check_inputs(self, eeg, condition, num_images_per_eeg, num_inference_steps, sampler, eta,
-                     guidance_scale, null_condition, generator, output_type) -> None:
+                     guidance_scale, null_condition, generator, output_type, latents=None) -> None:
         if (eeg is None) == (condition is None):
             raise ConfigError("give either `eeg` (a [n_trials, n_channels, n_times] tensor) or a "
                               "precomputed `condition`, not both or neither")
@@ -132,6 +135,13 @@ class DreamDiffusionPipeline(DiffusionPipeline):
         n_trials = len(eeg) if eeg is not None else _batch_size(condition)
         if isinstance(generator, list) and len(generator) != n_trials:
             raise ConfigError(f"a list of generators needs one per trial ({n_trials}), got {len(generator)}")
+        if latents is not None:
+            model = self.model
+            shape = (n_trials * num_images_per_eeg, model.latent_channels, model.latent_size, model.latent_size)
+            if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ConfigError(f"latents must be a tensor of shape {shape} (trial-major: n_trials x "
+                                  f"num_images_per_eeg, channels, size, size), got {got}")
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -164,6 +174,8 @@ class DreamDiffusionPipeline(DiffusionPipeline):
 
     @staticmethod
     def _to_output(images: torch.Tensor, n_trials: int, output_type: str):
+        if output_type == "latent":
+            return images.reshape(n_trials, -1, *images.shape[1:])
         images = images.float().clamp(-1, 1).cpu()
         images = images.reshape(n_trials, -1, *images.shape[1:])  # [n_trials, n_images_per_eeg, 3, H, W]
         if output_type == "pt":
@@ -186,6 +198,7 @@ class DreamDiffusionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pt",
         condition: Any = None,
+        latents: torch.Tensor | None = None,
         decode_batch_size: int = 8,
         return_dict: bool = True,
     ):
@@ -195,10 +208,13 @@ class DreamDiffusionPipeline(DiffusionPipeline):
         whose `context` is [n_trials, 77, D], e.g. the class-name oracle's text states).
         num_inference_steps: None = the sampler's default (plms/ddim 250, dpm++ 25).
         generator: one torch.Generator, or one per trial (see the module docstring).
+        latents: the initial noise [n_trials * num_images_per_eeg, C, h, w] (trial-major), as in
+        diffusers' pipelines; by default drawn from the generators.
+        output_type: "pt", "np", "pil", or "latent" (skip the VAE decoder).
         Returns `DreamDiffusionPipelineOutput(images)` (or a 1-tuple with return_dict=False).
         """
         self.check_inputs(eeg, condition, num_images_per_eeg, num_inference_steps, sampler, eta,
-                          guidance_scale, null_condition, generator, output_type)
+                          guidance_scale, null_condition, generator, output_type, latents)
         model = self.model
         steps = num_inference_steps or DEFAULT_STEPS[sampler]
         do_guidance = guidance_scale != 1.0
@@ -215,9 +231,12 @@ class DreamDiffusionPipeline(DiffusionPipeline):
         # 3. sampler and timesteps from the model's noise-scheduler config
         scheduler = make_scheduler(model.noise_scheduler.config, sampler)
         scheduler.set_timesteps(steps, device=model.device)
-        # 4. initial noise: one CPU generator per (trial, slot)
+        # 4. initial noise: given, or drawn from one CPU generator per (trial, slot)
         generators = self._image_generators(generator, n_trials, num_images_per_eeg)
-        latents = self._initial_latents(generators, scheduler)
+        if latents is None:
+            latents = self._initial_latents(generators, scheduler)
+        else:
+            latents = (latents * scheduler.init_noise_sigma).to(model.device, model.dtype)
         step_kwargs = {"generator": generators, "eta": eta} if sampler == "ddim" else {}
         # 5. the denoising loop
         for t in self.progress_bar(scheduler.timesteps):
@@ -230,7 +249,10 @@ class DreamDiffusionPipeline(DiffusionPipeline):
                 eps = eps_null + guidance_scale * (eps_eeg - eps_null)
             latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         # 6. decode the latents in chunks to bound memory
-        images = torch.cat([model.decode_latents(latents[i : i + decode_batch_size])
-                            for i in range(0, n_images, decode_batch_size)])
+        if output_type == "latent":
+            images = latents
+        else:
+            images = torch.cat([model.decode_latents(latents[i : i + decode_batch_size])
+                                for i in range(0, n_images, decode_batch_size)])
         images = self._to_output(images, n_trials, output_type)
         return DreamDiffusionPipelineOutput(images=images) if return_dict else (images,)

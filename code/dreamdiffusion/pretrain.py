@@ -9,18 +9,14 @@
     figures/recon_epoch_NNNN.png  input / masked input / reconstruction, every `figure_every_n_epochs`
     eeg_encoder/                the encoder export (model.safetensors + config.json) at the end
 
+    metrics.json, results.md    the run's summary and the deviations from the paper / the authors' code
+
 Randomness (data order, crops, masks) is a function of (seed, epoch, rank), so a run resumed from
 `last.ckpt` continues exactly as an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import math
-import os
-import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +26,24 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .config import resolve_path, save_config, to_container
+from .config import resolved, save_config, to_container
 from .errors import ConfigError
 from .io import atomic_path
-from .mae import MaskedEEGAutoencoder, build_mae, count_parameters, save_eeg_encoder
+from .mae import PATCH_EMBED_INITS, MaskedEEGAutoencoder, build_mae, count_parameters, save_eeg_encoder
+from .training import (
+    EpochMetricsCSV,
+    EpochSeed,
+    build_trainer,
+    epoch_checkpoints,
+    epoch_seed,
+    format_metric,
+    isolated_rng,
+    last_checkpoint,
+    output_paths,
+    write_run_summary,
+)
 
 METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "seconds"]
 
@@ -45,7 +54,7 @@ METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "sec
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices/kernels; none on norms, biases and cls/mask tokens.
 
-    (Position tables are fixed buffers, not parameters, so they never reach the optimiser.)
+    (The fixed sin-cos position table has requires_grad=False, so it never reaches the optimiser.)
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -59,21 +68,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
-    """lr factor per optimiser step: linear 0 -> 1 over `warmup_steps`, then half-cosine to `min_factor`.
-
-    The authors compute the same curve per iteration from a fractional epoch.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def reconstruction_correlation(reconstruction: torch.Tensor, eeg: torch.Tensor) -> torch.Tensor:
@@ -121,8 +115,10 @@ class MAEPretrainModule(pl.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs))
         warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
-        schedule = warmup_cosine(warmup_steps, total_steps, cfg["min_lr"] / cfg["lr"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Linear warm-up, then a half-cosine to min_lr, per optimiser step (the authors compute the
+        # same curve from a fractional epoch).
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, min_lr_rate=cfg["min_lr"] / cfg["lr"])
         world = self.trainer.world_size
         accumulate = self.trainer.accumulate_grad_batches
         rank_zero_info(
@@ -141,26 +137,7 @@ class MAEPretrainModule(pl.LightningModule):
 
 
 # -------------------------------------------------------------------------------------------------
-# Callbacks
-
-
-@contextlib.contextmanager
-def _isolated_rng(seed: int):
-    """Run a block with fixed seeds and leave the global random streams as they were."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+# Data and callbacks
 
 
 class PretrainData(pl.LightningDataModule):
@@ -197,89 +174,11 @@ class PretrainData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch = max(self.trainer.current_epoch, self.resume_epoch)
-        self.generator.manual_seed(_epoch_seed(self.seed, epoch, self.trainer.global_rank))
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.trainer.global_rank))
         return self._loader(self.train_set, shuffle=True, epoch=epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, shuffle=False, epoch=0)
-
-
-class EpochSeed(pl.Callback):
-    """Seed python/numpy/torch (random crops, masks) and the loader's generator per (seed, epoch, rank)."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seed = _epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        if isinstance(trainer.datamodule, PretrainData):
-            trainer.datamodule.generator.manual_seed(seed)
-
-
-class LastCheckpoint(pl.Callback):
-    """`checkpoints/last.ckpt` after every epoch, written atomically; a copy every N epochs."""
-
-    def __init__(self, dirpath: Path, every_n_epochs: int):
-        self.dirpath = Path(dirpath)
-        self.every_n_epochs = every_n_epochs
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        tmp = self.dirpath / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes; all wait
-        if trainer.is_global_zero:
-            epoch = trainer.current_epoch + 1
-            if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
-                with atomic_path(self.dirpath / f"epoch_{epoch:04d}.ckpt") as copy:
-                    copy.write_bytes(tmp.read_bytes())
-            os.replace(tmp, self.dirpath / "last.ckpt")
-        trainer.strategy.barrier("LastCheckpoint")
-
-
-class EpochMetricsCSV(pl.Callback):
-    """One row per epoch in `metrics.csv`, rewritten atomically after every epoch. On resume the
-    rows of the epochs already done are kept and any written after `last.ckpt` are dropped.
-    Subclasses set `columns` and say what a row holds (`row`); epoch, step and seconds are added here.
-    """
-
-    columns: list[str] = []
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
-        self._started = time.time()
-
-    def row(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
-        raise NotImplementedError
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.rows = []
-        if self.path.is_file():
-            with self.path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.time()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Every rank builds the row: reading the metrics runs the cross-process reduction of sync_dist.
-        row = self.row(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
-        self.rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **row,
-                          "seconds": f"{time.time() - self._started:.2f}"})
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-
-
-def format_metric(value: Any) -> str:
-    return "" if value is None else f"{float(value):.6g}"
 
 
 class MetricsCSV(EpochMetricsCSV):
@@ -312,7 +211,7 @@ class ReconstructionFigures(pl.Callback):
         if not trainer.is_global_zero or self.every_n_epochs <= 0 or self.n_samples <= 0:
             return
         dataset = trainer.train_dataloader.dataset
-        with _isolated_rng(self.seed):  # the same crops every time, without touching training's streams
+        with isolated_rng(self.seed):  # the same crops every time, without touching training's streams
             items = [dataset[i]["eeg"] for i in range(min(self.n_samples, len(dataset)))]
         self.eeg = torch.stack(items)
 
@@ -388,21 +287,13 @@ class ExportEncoder(pl.Callback):
 # Putting it together
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """`auto` -> bf16-mixed on a GPU, 32-true on the CPU; anything else is passed to Lightning."""
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if precision == "auto":
-        return "bf16-mixed" if on_gpu else "32-true"
-    if precision in ("16-mixed", "16") and not on_gpu:
-        raise ConfigError(f"trainer.precision={precision} (fp16 autocast) needs a GPU; use 32 or bf16-mixed on the CPU")
-    return precision
-
-
 def check_config(cfg: DictConfig) -> None:
     """Reject inconsistent stage-1 settings with a sentence naming the field."""
     enc = cfg.encoder
     checks = [
         (0.0 <= cfg.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}"),
+        (enc.patch_embed_init in PATCH_EMBED_INITS,
+         f"encoder.patch_embed_init must be one of {PATCH_EMBED_INITS}, got {enc.patch_embed_init!r}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (0 <= cfg.warmup_epochs <= cfg.epochs,
@@ -447,62 +338,13 @@ def build_datasets(cfg: DictConfig):
             EEGPretrainDataset.from_config(cfg.data, files=files[:n_val]))
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], **overrides: Any) -> pl.Trainer:
-    """The Lightning trainer of stages 1 and 2 from a stage config's `trainer`/`wandb` groups.
-
-    Checkpoints are written by the stages' own callbacks (atomically, with the config as plain
-    data), so Lightning's are off; `overrides` are the few trainer arguments a stage sets itself.
-    """
-    tcfg = cfg.trainer
-    logger: Any = False
-    if cfg.wandb.enabled:
-        from pytorch_lightning.loggers import WandbLogger
-
-        os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
-        logger = WandbLogger(
-            project=cfg.wandb.project, name=cfg.wandb.run_name, save_dir=str(out_dir),
-            offline=cfg.wandb.mode == "offline", mode=cfg.wandb.mode, config=to_container(cfg),
-        )
-    kwargs: dict[str, Any] = dict(
-        default_root_dir=str(out_dir),
-        max_epochs=cfg.epochs,
-        accelerator=tcfg.accelerator,
-        devices=tcfg.devices,
-        num_nodes=tcfg.num_nodes,
-        strategy=tcfg.strategy,
-        precision=resolve_precision(tcfg.precision, tcfg.accelerator),
-        accumulate_grad_batches=tcfg.accumulate_grad_batches,
-        gradient_clip_val=cfg.grad_clip if cfg.grad_clip > 0 else None,
-        gradient_clip_algorithm="norm",
-        log_every_n_steps=tcfg.log_every_n_steps,
-        limit_train_batches=tcfg.limit_train_batches,
-        limit_val_batches=tcfg.limit_val_batches,
-        enable_progress_bar=tcfg.progress_bar,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=callbacks,
-    )
-    return pl.Trainer(**{**kwargs, **overrides})
-
-
-def output_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:
-    """(output folder, its `checkpoints/`, `checkpoints/last.ckpt`) of a stage-1 or stage-2 run;
-    a ConfigError, before anything is built, when `resume=true` finds no `last.ckpt` to resume from."""
-    out_dir = resolve_path(cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if cfg.resume and not last.is_file():
-        raise ConfigError(f"resume=true but there is no checkpoint to resume from: {last}")
-    return out_dir, ckpt_dir, last
-
-
 def run_pretraining(cfg: DictConfig) -> Path:
     """Train the MAE as `cfg` (a `Stage1Config`) says; return the output folder."""
     check_config(cfg)
-    out_dir, ckpt_dir, last = output_paths(cfg)
+    paths = resolved(cfg)  # absolute paths; config.yaml keeps the user's
+    out_dir, ckpt_dir, last = output_paths(paths)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(paths)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     data = PretrainData(train_set, val_set, cfg.batch_size, cfg.trainer.num_workers, pin, cfg.seed)
     callbacks = [
@@ -510,9 +352,10 @@ def run_pretraining(cfg: DictConfig) -> Path:
         MetricsCSV(out_dir / "metrics.csv"),
         ReconstructionFigures(out_dir / "figures", cfg.figure_every_n_epochs, cfg.n_figure_samples,
                               cfg.n_figure_channels, cfg.seed),
-        LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_epochs),
         StopAfterEpochs(cfg.stop_after_epochs),
         ExportEncoder(out_dir / "eeg_encoder"),
+        last_checkpoint(ckpt_dir),
+        *([epoch_checkpoints(ckpt_dir, cfg.checkpoint_every_n_epochs)] if cfg.checkpoint_every_n_epochs > 0 else []),
     ]
     trainer = build_trainer(
         cfg, out_dir, callbacks,
@@ -522,16 +365,37 @@ def run_pretraining(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
-        _print_once(cfg, len(train_set), 0 if val_set is None else len(val_set))
+        _print_once(paths, len(train_set), 0 if val_set is None else len(val_set))
     module = MAEPretrainModule(to_container(cfg))
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
+    if trainer.is_global_zero:
+        _write_summary(cfg, out_dir, module, trainer, len(train_set))
     return out_dir
 
 
+def _write_summary(cfg: DictConfig, out_dir: Path, module: MAEPretrainModule, trainer: pl.Trainer,
+                   n_windows: int) -> None:
+    import csv
+
+    with (out_dir / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    final = rows[-1] if rows else {}
+    summary = {"epochs_done": len(rows), "optimizer_steps": trainer.global_step, "n_training_windows": n_windows,
+               "parameters": count_parameters(module.model),
+               "encoder_parameters": count_parameters(module.model.encoder),
+               **{k: (float(final[k]) if final.get(k) else None) for k in ("loss", "recon_corr", "val_loss")}}
+    table = [("epochs done", f"{summary['epochs_done']} of {cfg.epochs}"), ("optimiser steps", str(trainer.global_step)),
+             ("final masked MSE (train)", final.get("loss") or "-"), ("final val loss", final.get("val_loss") or "-"),
+             ("reconstruction correlation", final.get("recon_corr") or "-"),
+             ("encoder parameters", f"{summary['encoder_parameters']:,}"), ("mask ratio", str(cfg.mask_ratio)),
+             ("fidelity", cfg.fidelity)]
+    write_run_summary(cfg, out_dir, "Stage 1: masked signal modelling", summary, table)
+
+
 @rank_zero_only
-def _print_once(cfg: DictConfig, n_train: int, n_val: int) -> None:
+def _print_once(paths: DictConfig, n_train: int, n_val: int) -> None:
     print(
-        f"stage 1: {n_train} training windows, {n_val} validation windows from {resolve_path(cfg.data.root)}; "
-        f"mask ratio {cfg.mask_ratio}; output {resolve_path(cfg.output_dir)}"
-        + (" (resuming from checkpoints/last.ckpt)" if cfg.resume else "")
+        f"stage 1: {n_train} training windows, {n_val} validation windows from {paths.data.root}; "
+        f"mask ratio {paths.mask_ratio}; fidelity {paths.fidelity}; output {paths.output_dir}"
+        + (" (resuming from checkpoints/last.ckpt)" if paths.resume else "")
     )
