@@ -25,21 +25,18 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.clip_embedder import TransformersCLIP
+from dreamdiffusion.clip_embedder import CLIP_VIT_L14_VISION, TransformersCLIP
 from dreamdiffusion.mae import EEGEncoder
 from dreamdiffusion.model import DreamDiffusion, select_trainable, time_cond_overrides
 from dreamdiffusion.sd15 import build_sd15, read_sd15_configs
 
-# openai/clip-vit-large-patch14's vision tower and projection
-CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
 ENCODER_LARGE = dict(n_channels=128, n_times=512, patch_size=4, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=1.0)
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def build(device: str, gradient_checkpointing: bool) -> DreamDiffusion:
     sd = build_sd15(*read_sd15_configs(), unet_overrides=time_cond_overrides())
-    clip = TransformersCLIP.from_model(CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14)).eval())
+    clip = TransformersCLIP.from_model(CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_VISION)).eval())
     model = DreamDiffusion.build(EEGEncoder(**ENCODER_LARGE), sd, clip_encoder=clip)
     if gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

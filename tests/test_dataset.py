@@ -1,4 +1,4 @@
-"""The data layer returns exactly what REFERENCE section 1's rules give, and rejects bad input with a sentence.
+"""The data layer returns exactly what the authors' loading rules (docs/method.md, "Data") give, and rejects bad input with a sentence.
 
 The expected values are computed here independently (plain lists, `np.interp` per channel,
 torchvision / PIL / transformers for the images) from the synthetic files of conftest.
@@ -33,7 +33,7 @@ from dreamdiffusion.errors import DataError, run_cli
 
 
 def expected_trials(eeg_path, splits_path, subject, split, split_index):
-    """[(eeg [128, 512] float64, label, image name, subject)] by REFERENCE section 1."""
+    """[(eeg [128, 512] float64, label, image name, subject)] by the authors' rules (docs/method.md, "Data")."""
     content = torch.load(eeg_path, weights_only=True)
     trials = [t for t in content["dataset"] if subject == 0 or t["subject"] == subject]
     listed = torch.load(splits_path, weights_only=True)["splits"][split_index][split]

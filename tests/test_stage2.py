@@ -116,3 +116,26 @@ def test_missing_pretrained_files_fail_before_training(world, capsys, missing, e
     assert run_cli(script.main, args) == 2
     assert re.search(expected, capsys.readouterr().err)
     assert not out.exists()  # nothing was written: it failed before training
+
+
+@pytest.mark.parametrize("fidelity", ["paper", "authors_code"])
+def test_each_mode_writes_its_deviations_and_trains_its_set(world, fidelity):
+    out = world["root"] / f"mode_{fidelity}"
+    # the tiny world runs on the CPU in fp32 and needs its own sizes, whatever the mode says
+    args = world["overrides"] + [f"output_dir={out}", "epochs=1", f"fidelity={fidelity}", "trainer.precision=32",
+                                 "batch_size=4", "data.subject=1", f"data.image_size={IMAGE_SIZE}"]
+    STAGES["stage2"].main(args)
+    header = (out / "config.yaml").read_text().split("\n# ")[0]
+    report = json.loads((out / "metrics.json").read_text())
+    lines = [d["line"] for d in report["deviations"]]
+    md = (out / "results.md").read_text()
+    trainable_line = next(line for line in lines if line.startswith("trainable "))
+    assert trainable_line.startswith(f"trainable {fidelity}:")
+    assert "epochs 1: paper 300, authors' code 500" in " ".join(lines)  # a shortened run says so
+    assert all(line in md for line in lines) and all(line in (out / "config.yaml").read_text() for line in lines)
+    assert header.startswith("# Deviations of this run")
+    table = (out / "trainable_parameters.txt").read_text()
+    clip_row = next(r for r in table.splitlines() if r.startswith("clip"))
+    assert (int(clip_row.split()[1].replace(",", "")) > 0) == (fidelity == "authors_code")
+    training = json.loads((out / "model" / "training.json").read_text())
+    assert training["deviations"] == report["deviations"] and training["config"]["fidelity"] == fidelity

@@ -28,6 +28,10 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
+# openai/clip-vit-large-patch14's vision tower and projection (transformers CLIPVisionConfig), for
+# random-weight stand-ins at the real size (benchmarks, the rehearsal, the parameter-count test).
+CLIP_VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
 OPEN_CLIP_PREFIX = "open_clip:"
 CLIP_DOWNLOAD_HINT = (
     "download the transformers folder of openai/clip-vit-large-patch14 (config.json + "

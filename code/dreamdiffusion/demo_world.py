@@ -639,17 +639,7 @@ def build_demo_world(
         raise ConfigError(f"{world.pretrains_dir} was built with other settings ({world_cfg_path}); "
                           "delete datasets/demo and pretrains/demo (`make clean`) to rebuild")
 
-    def part(name: str, done: bool, build: Callable[[], Any]) -> Any:
-        if done:
-            timings[name] = "kept"
-            return None
-        log(f"[demo world] {name} ...")
-        start, cpu_start = time.perf_counter(), time.process_time()
-        result = build()
-        timings[name] = round(time.perf_counter() - start, 1)
-        log(f"[demo world] {name}: {timings[name]} s ({time.process_time() - cpu_start:.0f} s CPU)")
-        return result
-
+    part = _Parts(timings, log)
     part("paired EEG + stimuli", _complete(world.datasets_dir, "eeg_5_95_std.pth", "class_names.json"),
          lambda: write_synthetic_imagenet_eeg(
              world.datasets_dir, n_classes=cfg.n_classes, images_per_class=cfg.images_per_class,
@@ -667,37 +657,63 @@ def build_demo_world(
     part("unpaired EEG corpus", done_marker.is_file(), write_corpus)
     if on_corpus_ready is not None:
         on_corpus_ready(world)
-
-    needs_models = not (_complete(world.clip_dir, "model.safetensors", "tokenizer_config.json")
-                        and _complete(world.sd_dir, "model_index.json")
-                        and _complete(world.classifier_dir, "classifier.json")
-                        and world.report_path.is_file())
-    stats: dict[str, Any] = {}
-    if needs_models:
-        world.pretrains_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(world_cfg_path, _jsonable(asdict(cfg)))
-        images, labels = render_world_images(cfg, cfg.world_images_per_class)
-        stats["classifier"] = part("tiny classifier", _complete(world.classifier_dir, "classifier.json"),
-                                   lambda: train_classifier(cfg, images, labels, world.classifier_dir, progress))
-        stats["clip"] = part("tiny CLIP", _complete(world.clip_dir, "model.safetensors", "tokenizer_config.json"),
-                             lambda: train_clip(cfg, images, labels, world.clip_dir, progress))
-
-        def build_sd() -> dict[str, Any]:
-            vae, vae_stats = train_vae(cfg, images, progress)
-            contexts = text_states(world.clip_dir, [PROMPT.format(n) for n in class_names(cfg.n_classes)])
-            unet, unet_stats = train_unet(cfg, vae, images, labels, contexts, progress)
-            save_sd(vae, unet, world.clip_dir, world.sd_dir)
-            return {"vae": vae_stats, "unet": unet_stats}
-
-        stats["sd"] = part("tiny Stable Diffusion", _complete(world.sd_dir, "model_index.json"), build_sd)
-        report = part("check of the stand-ins", False, lambda: check_world(cfg, world))
-        atomic_write_json(world.report_path, {"check": report, "training": stats, "timings_s": timings,
-                                              "config": _jsonable(asdict(cfg))})
-        log("[demo world] " + _summary(report))
-    else:
+    if world_complete(world):
         for name in ("tiny classifier", "tiny CLIP", "tiny Stable Diffusion"):
             timings[name] = "kept"
+    else:
+        atomic_write_json(world_cfg_path, _jsonable(asdict(cfg)))
+        _build_stand_ins(cfg, world, part, progress, log)
     return world, timings
+
+
+class _Parts:
+    """Builds one part of the world unless it is done, timing it into `timings`."""
+
+    def __init__(self, timings: dict[str, Any], log: Callable[[str], None]):
+        self.timings, self.log = timings, log
+
+    def __call__(self, name: str, done: bool, build: Callable[[], Any]) -> Any:
+        if done:
+            self.timings[name] = "kept"
+            return None
+        self.log(f"[demo world] {name} ...")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = build()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.log(f"[demo world] {name}: {self.timings[name]} s ({time.process_time() - cpu_start:.0f} s CPU)")
+        return result
+
+
+def world_complete(world: DemoWorld) -> bool:
+    """Whether every stand-in and the check report are written (each part's final file is written last)."""
+    return (_complete(world.clip_dir, "model.safetensors", "tokenizer_config.json")
+            and _complete(world.sd_dir, "model_index.json") and _complete(world.classifier_dir, "classifier.json")
+            and world.report_path.is_file())
+
+
+def _build_stand_ins(cfg: DemoWorldConfig, world: DemoWorld, part: _Parts, progress: bool,
+                     log: Callable[[str], None]) -> None:
+    """The tiny classifier, CLIP and SD trained on fresh draws of the classes, then their check."""
+    world.pretrains_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = render_world_images(cfg, cfg.world_images_per_class)
+    stats: dict[str, Any] = {}
+    stats["classifier"] = part("tiny classifier", _complete(world.classifier_dir, "classifier.json"),
+                               lambda: train_classifier(cfg, images, labels, world.classifier_dir, progress))
+    stats["clip"] = part("tiny CLIP", _complete(world.clip_dir, "model.safetensors", "tokenizer_config.json"),
+                         lambda: train_clip(cfg, images, labels, world.clip_dir, progress))
+
+    def build_sd() -> dict[str, Any]:
+        vae, vae_stats = train_vae(cfg, images, progress)
+        contexts = text_states(world.clip_dir, [PROMPT.format(n) for n in class_names(cfg.n_classes)])
+        unet, unet_stats = train_unet(cfg, vae, images, labels, contexts, progress)
+        save_sd(vae, unet, world.clip_dir, world.sd_dir)
+        return {"vae": vae_stats, "unet": unet_stats}
+
+    stats["sd"] = part("tiny Stable Diffusion", _complete(world.sd_dir, "model_index.json"), build_sd)
+    report = part("check of the stand-ins", False, lambda: check_world(cfg, world))
+    atomic_write_json(world.report_path, {"check": report, "training": stats, "timings_s": part.timings,
+                                          "config": _jsonable(asdict(cfg))})
+    log("[demo world] " + _summary(report))
 
 
 def write_shuffled_labels_copy(world: DemoWorld, subject: int = 4, seed: int = 0) -> Path:

@@ -46,11 +46,19 @@ class Deviation:
     key: str | None = None  # the config field that decides the entry (dotted)
     paper_value: Any = UNSET  # the key's value in the paper (UNSET: not stated)
     authors_value: Any = UNSET  # the key's value in the authors' code; fidelity=authors_code sets it
-    default: str = "paper"  # whose value the project's default is: "paper" or "authors" (paper silent/unclear)
+    # Whose value the project's default is: "paper", "authors", or "ours" (neither; `ours` says why).
+    # None: the paper's where it states one, else the authors'.
+    default: str | None = None
     # Extra condition on the resolved config (e.g. only for an encoder trained from scratch).
     when: Callable[[Any], bool] | None = None
     # The key's values are labels ("paper", "authors_code"): the line says what they mean instead.
     describe: bool = False
+
+    @property
+    def default_source(self) -> str:
+        if self.default is not None:
+            return self.default
+        return "authors" if self.paper_value is UNSET else "paper"
 
     def applies(self, cfg: Any) -> bool:
         if self.when is not None and not self.when(cfg):
@@ -150,11 +158,11 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("stage1_precision", S1, "numeric precision", "not stated",
               "fp16 autocast with a GradScaler (16-mixed)",
               "auto: bf16-mixed on a GPU (no loss scaling needed), 32-true on the CPU", key="trainer.precision",
-              authors_value="16-mixed", default="authors"),
+              authors_value="16-mixed", default="ours"),
     Deviation("patch_embed_init", S12, "patch-embedding initialisation", "not stated (MAE: xavier)",
               "normal(0, 0.02): their _init_weights treats the Conv1d like a Linear and overrides xavier",
               "xavier-uniform over (channels x patch), as MAE's patch embedding",
-              key="encoder.patch_embed_init", authors_value="normal", default="paper",
+              key="encoder.patch_embed_init", authors_value="normal", default="ours",
               when=lambda cfg: "mask_ratio" in cfg or _encoder_from_scratch(cfg)),
     Deviation("encoder_mlp_ratio", S12, "encoder MLP ratio", "implied 4.0 by the quoted 297M parameters",
               "1.0 (151.8M encoder parameters)", "1.0: the code's architecture; the paper's count is not reproducible "
@@ -190,10 +198,10 @@ DEVIATIONS: tuple[Deviation, ...] = (
               key="epochs", paper_value=300, authors_value=500),
     Deviation("stage2_batch", S2, "fine-tuning batch per device", "not stated",
               "25 (their yaml; the released checkpoint's config says 4)", "4, the released checkpoint's",
-              key="batch_size", authors_value=25, default="authors"),
+              key="batch_size", authors_value=25, default="ours"),
     Deviation("stage2_precision", S2, "numeric precision", "not stated", "fp32",
               "auto: bf16-mixed on a GPU, 32-true on the CPU", key="trainer.precision",
-              authors_value="32-true", default="authors"),
+              authors_value="32-true", default="ours"),
     Deviation("stage2_lr", S2, "learning rate (constant)", "not stated", "5.3e-5", "5.3e-5", key="lr",
               authors_value=5.3e-5),
     Deviation("stage2_weight_decay", S2, "AdamW weight decay", "not stated", "0.01 (torch's default)", "0.01",
@@ -215,7 +223,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
               "global_pool=False", key="global_pool", paper_value=False, authors_value=False),
     Deviation("pool_order", S2, "order of pooling and the final LayerNorm (global_pool only)", "not stated",
               "mean over tokens before the final norm", "the final norm, then the mean",
-              key="pool_before_norm", authors_value=True, default="paper", when=_pools),
+              key="pool_before_norm", authors_value=True, default="ours", when=_pools),
     Deviation("trainable_set", S2, "what trains",
               "the EEG conditioner and the UNet's cross-attention (198,330,697 parameters at SD1.5 size)",
               "also the encoder's pos_embed (132,096) and CLIP's layer_norm2 (49,152): 198,511,945 that can change "
@@ -265,7 +273,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("n_way_estimate", S3, "how the n-way accuracy is estimated", "not stated",
               "50 unseeded random draws of 49 distractors per image",
               "the exact expectation C(r, 49) / C(999, 49) (n_way_trials=null); 50 seeded draws with n_way_trials=50",
-              key="n_way_trials", authors_value=50),
+              key="n_way_trials", authors_value=50, default="ours"),
     Deviation("ties", S3, "a distractor tied with the reference class", "-", "torchmetrics breaks ties by index",
               "counts against the reference (deterministic, pessimistic)"),
     Deviation("eval_split", S3, "evaluation split", "test", "test", "test", key="split", paper_value="test",
@@ -313,16 +321,34 @@ def markdown_section(lines: list[str], title: str = "Deviations from the paper a
     return "\n".join([f"## {title}", "", *body]) + "\n"
 
 
+def agreed(d: Deviation) -> bool:
+    """An entry that a run with the project's defaults does not list (the sources agree with the
+    default): it appears in a run's outputs only when that run changes the setting."""
+    from .stages import STAGES  # the registry imports the config layer, which imports this module
+
+    if d.key is None:
+        return False
+    defaults = [STAGES[stage].build_config() for stage in d.stages]
+    relevant = [cfg for cfg in defaults if d.when is None or d.when(cfg)]
+    return bool(relevant) and not any(d.applies(cfg) for cfg in relevant)
+
+
 def markdown_table() -> str:
-    """The whole manifest as the table of docs/method.md."""
-    rows = ["| stage | setting | config key | paper | authors' code | this project (default) |",
+    """The whole manifest as the two tables of docs/method.md: where the sources differ, then the
+    settings they agree on (which a run lists only when it changes them)."""
+    head = ["| stage | setting | config key | paper | authors' code | this project (default) |",
             "|---|---|---|---|---|---|"]
-    for d in DEVIATIONS:
-        paper, authors = d.paper, d.authors
-        stages = ", ".join(s.replace("stage", "") for s in d.stages)
-        key = f"`{d.key}`" if d.key else "-"
-        rows.append(f"| {stages} | {d.what} | {key} | {paper} | {authors} | {d.ours} |")
-    return "\n".join(rows) + "\n"
+    out = []
+    for title, rows in (("Where the paper, the authors' code and this project differ", [d for d in DEVIATIONS if not agreed(d)]),
+                        ("Settings the sources agree on (a run lists them when it changes them)",
+                         [d for d in DEVIATIONS if agreed(d)])):
+        out += [f"**{title}**", "", *head]
+        for d in rows:
+            stages = ", ".join(s.replace("stage", "") for s in d.stages)
+            key = f"`{d.key}`" if d.key else "-"
+            out.append(f"| {stages} | {d.what} | {key} | {d.paper} | {d.authors} | {d.ours} |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import numpy as np
 from .errors import ConfigError, DataError
 from .io import atomic_path, atomic_write_json, atomic_write_text
 
-# Large MOABB datasets (REFERENCE section 1). Shin2017A/B need `accept_licenses` and are left out of
+# Large MOABB datasets (docs/method.md, "Data"). Shin2017A/B need `accept_licenses` and are left out of
 # the default list for that reason.
 DEFAULT_DATASETS = [
     "PhysionetMI",

@@ -4,7 +4,7 @@ The stage scripts in `code/` are `STAGES[name].main(argv)`; the demo, the paper-
 tests use the same entries, so there is one place that says how a stage is configured and run:
 
     from dreamdiffusion.stages import STAGES
-    STAGES["stage2"].main(["--config", "configs/presets/paper_stage2.yaml", "epochs=10"])
+    STAGES["stage2"].main(["fidelity=authors_code", "epochs=10"])
     cfg = STAGES["stage3"].build_config(files, overrides)   # what the script would run, without running it
 """
 

@@ -492,75 +492,92 @@ def write_synthetic_imagenet_eeg(
     if n_subjects < 1 or images_per_class < 1:
         raise ConfigError(f"need n_subjects >= 1 and images_per_class >= 1, got {n_subjects}, {images_per_class}")
     out = Path(out_dir)
-    image_dir = out / "images"
     classes = stimulus_classes(n_classes)
     wnids = [f"n9{k:07d}" for k in range(n_classes)]  # WordNet-id format, outside the real id range
-    image_names, image_labels, image_params = [], [], []
-    for k, wnid in enumerate(wnids):
-        for j in range(images_per_class):
-            image_id = len(image_names)
-            params = sample_stimulus_params(_rng("image", seed, image_id))
-            name = f"{wnid}_{j + 1}"
-            path = image_dir / wnid / f"{name}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                draw_stimulus(classes[k], image_size, params).save(tmp, format="JPEG", quality=jpeg_quality)
-            image_names.append(name)
-            image_labels.append(k)
-            image_params.append(params)
-
-    # Block design: classes in a random block order, images shuffled within their block.
-    order_rng = _rng("order", seed)
-    images_by_class = [[k * images_per_class + j for j in range(images_per_class)] for k in range(n_classes)]
-    session = [int(i) for k in order_rng.permutation(n_classes) for i in order_rng.permutation(images_by_class[k])]
-
+    names, labels, params = _write_stimuli(out / "images", classes, wnids, images_per_class, image_size, seed,
+                                           jpeg_quality)
+    images_by_class, session = _block_session(n_classes, images_per_class, seed)
     generator = SyntheticEEG(n_channels=n_channels, signal_strength=signal_strength, seed=seed)
     dataset = []
     for subject in range(1, n_subjects + 1):
-        rng = _rng("trials", seed, subject)
         trial_images = session[:len(session) - dropped_final_trials] if subject == n_subjects else session
-        lengths = _trial_lengths(rng, len(trial_images), trial_length_range, out_of_range_fraction)
-        trials = []
-        for image_id, n_times in zip(trial_images, lengths):
-            k = image_labels[image_id]
-            parts = stimulus_parts(classes[k], k, image_id, image_params[image_id], image_weight)
-            trials.append(generator.trial(parts, int(n_times), subject, rng))
-        # Standardise each channel over all of the subject's samples, as the real file is.
-        stacked = np.concatenate(trials, axis=1)
-        mean, std = stacked.mean(axis=1, keepdims=True), stacked.std(axis=1, keepdims=True) + 1e-12
-        for image_id, eeg in zip(trial_images, trials):
-            dataset.append({
-                "eeg": torch.from_numpy(((eeg - mean) / std).astype(np.float32)),
-                "image": image_id,
-                "label": image_labels[image_id],
-                "subject": subject,
-            })
-
-    splits_single, splits_all = [], []
-    for n in range(n_splits):
-        rng = _rng("splits", seed, n)
-        assignment = _split_images(rng, images_by_class, split_fractions)
-        single, every = {}, {}
-        for name, images in assignment.items():
-            single[name] = [int(p) for p in rng.permutation([p for p, i in enumerate(session) if i in images])]
-            every[name] = [int(p) for p in rng.permutation([p for p, t in enumerate(dataset)
-                                                            if t["image"] in images])]
-        splits_single.append(single)
-        splits_all.append(every)
-
+        dataset += _subject_trials(generator, subject, trial_images, classes, labels, params, image_weight,
+                                   _rng("trials", seed, subject), trial_length_range, out_of_range_fraction)
+    splits_single, splits_all = _split_positions(session, dataset, images_by_class, n_splits, split_fractions, seed)
     paths = {
         "root": out,
         "eeg_path": out / "eeg_5_95_std.pth",
         "splits_path": out / "block_splits_by_image_single.pth",
         "splits_all_path": out / "block_splits_by_image_all.pth",
-        "image_dir": image_dir,
+        "image_dir": out / "images",
         "class_names_path": out / "class_names.json",
     }
-    atomic_torch_save({"dataset": dataset, "labels": wnids, "images": image_names}, paths["eeg_path"])
+    atomic_torch_save({"dataset": dataset, "labels": wnids, "images": names}, paths["eeg_path"])
     atomic_torch_save({"splits": splits_single}, paths["splits_path"])
     atomic_torch_save({"splits": splits_all}, paths["splits_all_path"])
     atomic_write_json(paths["class_names_path"], {w: c.name for w, c in zip(wnids, classes)})
     return paths
+
+
+def _write_stimuli(image_dir: Path, classes: Sequence[StimulusClass], wnids: Sequence[str], images_per_class: int,
+                   image_size: int, seed: int, jpeg_quality: int) -> tuple[list[str], list[int], list[StimulusParams]]:
+    """`images/<wnid>/<wnid>_<n>.JPEG` for every class; (image names, class of each, drawing parameters)."""
+    names, labels, params = [], [], []
+    for k, wnid in enumerate(wnids):
+        for j in range(images_per_class):
+            image_params = sample_stimulus_params(_rng("image", seed, len(names)))
+            path = image_dir / wnid / f"{wnid}_{j + 1}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                draw_stimulus(classes[k], image_size, image_params).save(tmp, format="JPEG", quality=jpeg_quality)
+            names.append(f"{wnid}_{j + 1}")
+            labels.append(k)
+            params.append(image_params)
+    return names, labels, params
+
+
+def _block_session(n_classes: int, images_per_class: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """(image ids per class, the session's image order): classes in a random block order, images
+    shuffled within their block - the block design of ImageNet-EEG."""
+    order_rng = _rng("order", seed)
+    images_by_class = [[k * images_per_class + j for j in range(images_per_class)] for k in range(n_classes)]
+    session = [int(i) for k in order_rng.permutation(n_classes) for i in order_rng.permutation(images_by_class[k])]
+    return images_by_class, session
+
+
+def _subject_trials(generator: SyntheticEEG, subject: int, trial_images: Sequence[int],
+                    classes: Sequence[StimulusClass], labels: Sequence[int], params: Sequence[StimulusParams],
+                    image_weight: float, rng: np.random.Generator, length_range: tuple[int, int],
+                    out_of_range_fraction: float) -> list[dict]:
+    """One subject's trials in the file's format, each channel standardised over all of the
+    subject's samples (as `eeg_5_95_std.pth` is)."""
+    lengths = _trial_lengths(rng, len(trial_images), length_range, out_of_range_fraction)
+    trials = []
+    for image_id, n_times in zip(trial_images, lengths):
+        k = labels[image_id]
+        parts = stimulus_parts(classes[k], k, image_id, params[image_id], image_weight)
+        trials.append(generator.trial(parts, int(n_times), subject, rng))
+    stacked = np.concatenate(trials, axis=1)
+    mean, std = stacked.mean(axis=1, keepdims=True), stacked.std(axis=1, keepdims=True) + 1e-12
+    return [{"eeg": torch.from_numpy(((eeg - mean) / std).astype(np.float32)), "image": image_id,
+             "label": labels[image_id], "subject": subject} for image_id, eeg in zip(trial_images, trials)]
+
+
+def _split_positions(session: Sequence[int], dataset: Sequence[dict], images_by_class: list[list[int]],
+                     n_splits: int, fractions: tuple[float, float, float], seed: int) -> tuple[list, list]:
+    """The "single" splits (positions in one subject's trial list) and the "all" splits (positions
+    in the whole list), by image, each split's indices in shuffled order like the real files."""
+    splits_single, splits_all = [], []
+    for n in range(n_splits):
+        rng = _rng("splits", seed, n)
+        assignment = _split_images(rng, images_by_class, fractions)
+        single, every = {}, {}
+        for name, images in assignment.items():
+            single[name] = [int(p) for p in rng.permutation([p for p, i in enumerate(session) if i in images])]
+            every[name] = [int(p) for p in rng.permutation([p for p, t in enumerate(dataset) if t["image"] in images])]
+        splits_single.append(single)
+        splits_all.append(every)
+    return splits_single, splits_all
 
 
 def write_synthetic_pretrain_corpus(

@@ -1,0 +1,23 @@
+"""code/download_weights.py (dreamdiffusion.weights): offline it says what to place where, and --check
+confirms files that are there; the paths are the config defaults."""
+
+from dreamdiffusion.config import Stage2Config, Stage3Config
+from dreamdiffusion.errors import run_cli
+from dreamdiffusion.weights import WEIGHTS, main
+
+
+def test_offline_it_says_what_to_place_where(tmp_path, capsys):
+    assert run_cli(main, ["--root", str(tmp_path), "--only", "classifier", "--only", "clip"]) == 2  # offline in tests
+    out = capsys.readouterr().out
+    assert "vit_h_14_swag-80465313.pth" in out and "pretrains/classifiers/vit_h_14_swag_e2e_v1.pth" in out
+    assert "openai/clip-vit-large-patch14" in out
+    target = tmp_path / WEIGHTS["classifier"].path
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"weights")
+    assert run_cli(main, ["--root", str(tmp_path), "--check", "--only", "classifier"]) == 0
+
+
+def test_the_paths_are_the_config_defaults():
+    assert WEIGHTS["classifier"].path == Stage3Config.classifier_weights
+    assert WEIGHTS["sd15"].path == Stage2Config.sd_path == Stage3Config.oracle_sd_path
+    assert WEIGHTS["clip"].path == Stage2Config.clip_path == Stage3Config.clip_path
