@@ -3,47 +3,60 @@ demo world's stand-ins in the formats the stage scripts load."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
+from dreamdiffusion.demo import main as demo_main  # what code/demo.py (`make demo`) calls
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    demo = load_script("demo")
     dirs = {name: root / name for name in ("datasets", "pretrains", "outputs", "results", "assets")}
-    summary = demo.main(["--quick", "--no-progress", *(f"--{k}-dir={v}" for k, v in dirs.items())])
+    summary = demo_main(["--quick", "--no-progress", *(f"--{k}-dir={v}" for k, v in dirs.items())])
     return summary, dirs
 
 
-def test_quick_demo_writes_the_promised_files(quick_demo):
+def test_quick_demo_writes_the_promised_files_and_its_table_is_its_runs(quick_demo):
     summary, dirs = quick_demo
     results = dirs["results"]
-    assert (results / "results.md").is_file()
-    assert (results / "demo_grid.png").is_file()
+    assert (results / "results.md").is_file() and (results / "demo_grid.png").is_file()
     assert (dirs["assets"] / "demo_grid.png").read_bytes() == (results / "demo_grid.png").read_bytes()
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["n_way"] == 10 and metrics["chance"] == pytest.approx(0.1)
-    assert set(metrics["runs"]) == {"full", "no_pretrain", "no_clip", "shuffled_labels", "class_oracle"}
-    for name, run in metrics["runs"].items():
-        assert 0.0 <= run["top1"] <= 1.0, name
-        low, high = run["top1_ci"]
-        assert low <= run["top1"] <= high, name
-        assert "retrieval_top1" in run
-    # the oracle uses no EEG, so it has no retrieval; every EEG model has one
-    assert metrics["runs"]["class_oracle"]["retrieval_top1"] is None
-    assert all(0.0 <= metrics["runs"][r]["retrieval_top1"] <= 1.0 for r in ("full", "no_clip", "shuffled_labels"))
+    assert list(metrics["rows"]) == ["full", "no_pretrain", "no_clip", "shuffled_labels", "class_oracle"]
+    for name, row in metrics["rows"].items():
+        # each row's figures are exactly its stage-3 run's per-trial scores, summarised
+        report = json.loads((dirs["outputs"] / "stage3" / name / "metrics.json").read_text())
+        per_trial = np.array([t["n_way"] for t in report["trials"]])
+        assert row["top1"] == pytest.approx(per_trial.mean()) and row["top1_per_slot"] == pytest.approx(per_trial.mean(0))
+        low, high = row["top1_ci"]
+        assert low <= row["top1"] <= high and row["n_trials"] == len(per_trial)
+        if name != "class_oracle":
+            assert row["retrieval_top1"] == pytest.approx(np.mean([t["retrieval"] for t in report["trials"]]))
+    # the oracle uses no EEG, so it has no retrieval; rows with the pretrained encoder show its probe
+    assert metrics["rows"]["class_oracle"]["retrieval_top1"] is None
+    probe = metrics["probes"]["demo"]
+    assert {(r["features"], r["probe"]) for r in probe["rows"]} == {
+        (f, p) for f in ("encoder", "random_encoder", "raw_eeg") for p in ("linear", "knn")}
+    assert metrics["rows"]["full"]["probe"]["encoder/linear"] == next(
+        r["test"]["accuracy"] for r in probe["rows"] if (r["features"], r["probe"]) == ("encoder", "linear"))
     text = (results / "results.md").read_text()
-    for name in metrics["runs"]:
+    for name in metrics["rows"]:
         assert f"**{name}**" in text
-    # each stage wrote its outputs where the demo said
-    outputs = dirs["outputs"]
-    assert (outputs / "stage1" / "eeg_encoder" / "model.safetensors").is_file()
-    for run in ("full", "no_pretrain", "no_clip", "shuffled_labels"):
-        assert (outputs / "stage2" / run / "model").is_dir()
-    assert summary["runs"].keys() == metrics["runs"].keys()
+    assert "## Encoder probe: demo" in text and "random_encoder" in text and "raw_eeg" in text
+    assert (dirs["outputs"] / "stage1" / "demo" / "eeg_encoder" / "model.safetensors").is_file()
+    assert summary["rows"].keys() == metrics["rows"].keys()
+
+
+def test_a_second_run_skips_the_finished_runs(quick_demo):
+    summary, dirs = quick_demo
+    args = ["--quick", "--no-progress", *(f"--{k}-dir={v}" for k, v in dirs.items())]
+    stamps = {p: p.stat().st_mtime_ns for p in dirs["outputs"].rglob("metrics.json")}
+    again = demo_main(args)
+    assert {p: p.stat().st_mtime_ns for p in dirs["outputs"].rglob("metrics.json")} == stamps
+    assert again["rows"]["full"]["top1"] == summary["rows"]["full"]["top1"]
 
 
 def test_stage2_runs_differ_as_configured(quick_demo):
@@ -108,23 +121,25 @@ def test_shuffled_labels_copy_breaks_only_the_training_pairing(quick_demo):
 def test_quick_demo_trained_stage1_in_the_background(quick_demo):
     summary, dirs = quick_demo
     # stage 1 ran as its own process (its log beside its output folder), started during the world build
-    log = (dirs["outputs"] / "stage1.log").read_text()
-    assert "stage 1" in summary["timings_s"] and "world" in summary["timings_s"]
-    assert (dirs["outputs"] / "stage1" / "metrics.csv").read_text().count("\n") == 1 + 2  # header + 2 epochs
+    log = (dirs["outputs"] / "stage1" / "demo.log").read_text()
+    assert "stage1/demo" in summary["timings_s"] and "world" in summary["timings_s"]
+    rows = (dirs["outputs"] / "stage1" / "demo" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # header + 2 epochs
+    assert rows[-1].split(",")[rows[0].split(",").index("probe_val_acc")] != ""  # the probe monitor ran
     assert "Traceback" not in log
 
 
-def test_a_failing_stage_job_names_its_log_and_ends_the_phase(tmp_path):
-    demo = load_script("demo")
+def test_a_failing_run_names_its_log_and_ends_the_phase(tmp_path):
     from dreamdiffusion.errors import DreamDiffusionError
+    from dreamdiffusion.grid import GridRunner, Run
 
-    later = demo.ScriptJob("later", "stage1", [], tmp_path / "later", tmp_path / "later.log", epochs=1)
-    bad = demo.ScriptJob("bad", "stage1", ["no_such_field=1"], tmp_path / "bad", tmp_path / "bad.log",
-                         epochs=1)
-    with pytest.raises(DreamDiffusionError, match=r"bad failed with exit code 2; see .*bad\.log"):
-        demo.run_jobs([bad, later], parallel=1, desc="test", progress=False, timings={})
-    assert "no_such_field" in (tmp_path / "bad.log").read_text()
-    assert later.proc is None  # never started: the first failure ends the phase
+    bad = Run("stage1/bad", "stage1", ["no_such_field=1"], tmp_path / "stage1" / "bad")
+    later = Run("stage1/later", "stage1", [], tmp_path / "stage1" / "later")
+    runner = GridRunner([bad, later], jobs=1, progress=False, log=lambda _: None)
+    with pytest.raises(DreamDiffusionError, match=r"stage1/bad failed with exit code 2; see .*bad\.log"):
+        runner.run(poll_s=0.1)
+    assert "no_such_field" in (tmp_path / "stage1" / "bad.log").read_text()
+    assert runner.pending["stage1"][1].proc is None  # never started: the first failure ends the phase
 
 
 def test_demo_tokenizer_is_the_same_in_every_process():

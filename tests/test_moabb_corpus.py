@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from scipy.signal import welch
 
-from conftest import load_script
-
 pytest.importorskip("moabb")
 
 from moabb.datasets.fake import FakeDataset  # noqa: E402
@@ -81,7 +79,7 @@ def test_second_run_skips_what_exists(tmp_path):
 
 
 def test_cli_and_errors(tmp_path, capsys):
-    script = load_script("prepare_pretrain_data")
+    from dreamdiffusion import moabb_corpus as script
     out = tmp_path / "cli"
     summary = script.main(["moabb.datasets.fake.FakeDataset", "--out", str(out), "--subjects", "1",
                            "--sfreq", "256", "--window-seconds", "30"])

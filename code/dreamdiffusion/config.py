@@ -198,6 +198,16 @@ class PretrainDataConfig:
     val_fraction: float = 0.0  # files held out for a validation loss (0 = none)
 
 
+@dataclass
+class ProbeMonitorConfig:
+    """The encoder probe as a stage-1 monitor (`probe.quick_probe`): every `every_n_epochs`, the val
+    accuracy of a linear probe on the frozen encoder's features of paired data (one subject's
+    train / val split), in metrics.csv and on the progress bar."""
+
+    every_n_epochs: int = 0  # 0 = off
+    data: PairedDataConfig = field(default_factory=lambda: PairedDataConfig(image_dir=None))
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: masked signal modelling
 
@@ -214,6 +224,7 @@ class Stage1Config:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    probe: ProbeMonitorConfig = field(default_factory=ProbeMonitorConfig)
     mask_ratio: float = 0.75  # paper; the authors' code default is 0.1
     batch_size: int = 100  # per device
     epochs: int = 500

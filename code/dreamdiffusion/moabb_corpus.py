@@ -256,3 +256,43 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{summary['subjects_skipped_done']} subjects done before)")
     return "\n".join(lines)
 
+
+# ---------------------------------------------------------------------------------------------
+# code/prepare_pretrain_data.py
+
+
+def parse_args(argv=None):
+    import argparse
+
+    defaults = CorpusSettings()
+    parser = argparse.ArgumentParser(prog="prepare_pretrain_data.py", description="Build the unpaired stage-1 corpus from MOABB datasets.")
+    parser.add_argument("datasets", nargs="*", default=DEFAULT_DATASETS,
+                        help=f"MOABB dataset class names or dotted paths (default: {' '.join(DEFAULT_DATASETS)})")
+    parser.add_argument("--out", default="datasets/pretrain_eeg", help="output folder (relative to the repo root)")
+    parser.add_argument("--l-freq", type=float, default=defaults.l_freq, help="high-pass edge, Hz")
+    parser.add_argument("--h-freq", type=float, default=defaults.h_freq,
+                        help="low-pass edge, Hz (lowered below Nyquist for slow recordings)")
+    parser.add_argument("--sfreq", type=float, default=defaults.sfreq,
+                        help="resample to this rate, Hz; 0 keeps each recording's own rate")
+    parser.add_argument("--window-seconds", type=float, default=defaults.window_seconds)
+    parser.add_argument("--stride-seconds", type=float, default=None, help="default: the window length")
+    parser.add_argument("--subjects", type=int, nargs="+", default=None, help="only these subject ids")
+    parser.add_argument("--max-subjects", type=int, default=None, help="at most this many subjects per dataset")
+    parser.add_argument("--accept-licenses", action="store_true", help="accept the licence of Shin2017A/B")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """The command line of code/prepare_pretrain_data.py."""
+    from .config import resolve_path
+
+    args = parse_args(argv)
+    settings = CorpusSettings(l_freq=args.l_freq, h_freq=args.h_freq, sfreq=args.sfreq or None,
+                              window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
+                              max_subjects=args.max_subjects, accept_licenses=args.accept_licenses)
+    out_dir = resolve_path(args.out)
+    summary = build_pretrain_corpus(args.datasets, out_dir, settings, subjects=args.subjects)
+    print(format_summary(summary))
+    print(f"wrote {out_dir}/manifest.csv and summary.json")
+    return summary
+

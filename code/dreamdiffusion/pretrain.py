@@ -45,7 +45,7 @@ from .training import (
     write_run_summary,
 )
 
-METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "seconds"]
+METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "probe_val_acc", "seconds"]
 
 # -------------------------------------------------------------------------------------------------
 # Optimisation
@@ -193,6 +193,8 @@ class MetricsCSV(EpochMetricsCSV):
             "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}",
             "recon_corr": format_metric(metrics.get("train/recon_corr")),
             "val_loss": format_metric(metrics.get("val/loss")),
+            "probe_val_acc": format_metric(metrics.get("probe/val_acc")) if trainer.current_epoch == getattr(
+                pl_module, "probe_epoch", None) else "",
         }
 
 
@@ -261,6 +263,34 @@ class ReconstructionFigures(pl.Callback):
         plt.close(fig)
 
 
+class ProbeMonitor(pl.Callback):
+    """Every `every_n_epochs` (and after the last epoch), the linear-probe val accuracy of the encoder
+    on paired data (`probe.quick_probe`), logged as probe/val_acc. Every rank computes it (it is
+    deterministic and cheap next to an epoch), so no rank waits for another."""
+
+    def __init__(self, data_cfg: DictConfig, every_n_epochs: int, n_channels: int):
+        from .dataset import ImageNetEEGDataset
+
+        self.every_n_epochs = every_n_epochs
+        splits = {name: ImageNetEEGDataset.from_config(data_cfg, name) for name in ("train", "val")}
+        if splits["train"].n_channels != n_channels:
+            raise ConfigError(f"probe.data gives EEG of {splits['train'].n_channels} channels "
+                              f"({data_cfg.eeg_path}) but the encoder takes {n_channels} (encoder.n_channels)")
+        self.eeg = {name: torch.stack([ds[i]["eeg"] for i in range(len(ds))]) for name, ds in splits.items()}
+        self.labels = {name: np.asarray(ds.labels) for name, ds in splits.items()}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .probe import quick_probe
+
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        accuracy = quick_probe(pl_module.model.encoder, self.eeg["train"], self.eeg["val"], self.labels["train"],
+                               self.labels["val"])
+        pl_module.log("probe/val_acc", accuracy, prog_bar=True, sync_dist=False)
+        pl_module.probe_epoch = trainer.current_epoch
+
+
 class StopAfterEpochs(pl.Callback):
     """End the run after `n_epochs` epochs in all (counting those before a resume)."""
 
@@ -315,6 +345,10 @@ def check_config(cfg: DictConfig) -> None:
         (cfg.stop_after_epochs is None or cfg.stop_after_epochs >= 1,
          f"stop_after_epochs must be >= 1 or null, got {cfg.stop_after_epochs}"),
         (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}"),
+        (cfg.probe.every_n_epochs >= 0, f"probe.every_n_epochs must be >= 0 (0 = off), got {cfg.probe.every_n_epochs}"),
+        (cfg.probe.every_n_epochs == 0 or cfg.probe.data.n_times == enc.n_times,
+         f"probe.data.n_times ({cfg.probe.data.n_times}) must be encoder.n_times ({enc.n_times}): the probe feeds "
+         "the paired EEG to the encoder"),
     ]
     for ok, message in checks:
         if not ok:
@@ -347,8 +381,11 @@ def run_pretraining(cfg: DictConfig) -> Path:
     train_set, val_set = build_datasets(paths)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     data = PretrainData(train_set, val_set, cfg.batch_size, cfg.trainer.num_workers, pin, cfg.seed)
+    monitor = ([ProbeMonitor(paths.probe.data, cfg.probe.every_n_epochs, cfg.encoder.n_channels)]
+               if cfg.probe.every_n_epochs else [])
     callbacks = [
         EpochSeed(cfg.seed),
+        *monitor,  # before MetricsCSV, which writes its value
         MetricsCSV(out_dir / "metrics.csv"),
         ReconstructionFigures(out_dir / "figures", cfg.figure_every_n_epochs, cfg.n_figure_samples,
                               cfg.n_figure_channels, cfg.seed),
@@ -383,10 +420,12 @@ def _write_summary(cfg: DictConfig, out_dir: Path, module: MAEPretrainModule, tr
     summary = {"epochs_done": len(rows), "optimizer_steps": trainer.global_step, "n_training_windows": n_windows,
                "parameters": count_parameters(module.model),
                "encoder_parameters": count_parameters(module.model.encoder),
-               **{k: (float(final[k]) if final.get(k) else None) for k in ("loss", "recon_corr", "val_loss")}}
+               **{k: (float(final[k]) if final.get(k) else None) for k in ("loss", "recon_corr", "val_loss",
+                                                                             "probe_val_acc")}}
     table = [("epochs done", f"{summary['epochs_done']} of {cfg.epochs}"), ("optimiser steps", str(trainer.global_step)),
              ("final masked MSE (train)", final.get("loss") or "-"), ("final val loss", final.get("val_loss") or "-"),
              ("reconstruction correlation", final.get("recon_corr") or "-"),
+             ("probe: linear val accuracy on paired data", final.get("probe_val_acc") or "-"),
              ("encoder parameters", f"{summary['encoder_parameters']:,}"), ("mask ratio", str(cfg.mask_ratio)),
              ("fidelity", cfg.fidelity)]
     write_run_summary(cfg, out_dir, "Stage 1: masked signal modelling", summary, table)
