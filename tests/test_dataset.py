@@ -263,7 +263,8 @@ def test_check_command(synthetic_imagenet_eeg, tmp_path, capsys):
             "--images", str(paths["image_dir"]), "--subject", "3", "--split-index", "1"]
     assert run_cli(main, argv) == 0
     out = capsys.readouterr().out
-    assert "trials per subject: 1: 20, 2: 20, 3: 17" in out
+    for subject, n in ((1, 20), (2, 20), (3, 17)):  # what the file holds, per subject
+        assert f"subject {subject}: {n} trials, 128 channels" in out
     expected = {s: ImageNetEEGDataset(paths["eeg_path"], paths["splits_path"], split=s, split_index=1, subject=3)
                 for s in ("train", "val", "test")}
     for name, ds in expected.items():
@@ -282,8 +283,8 @@ def test_check_command(synthetic_imagenet_eeg, tmp_path, capsys):
     assert run_cli(main, argv) == 2
     captured = capsys.readouterr()
     for p in gone:
-        assert f"missing: {p}" in captured.out
-    assert "image(s) missing" in captured.err
+        assert f"missing image {p}" in captured.out
+    assert "problem(s) found" in captured.err and "missing image" in captured.err
 
     # the module's own entry point exits with code 2 on a data error
     proc = subprocess.run([sys.executable, "-m", "dreamdiffusion.dataset", "check", "--eeg", str(tmp_path / "x.pth"),

@@ -151,6 +151,51 @@ def _timm_classifier(name: str, weights: Path | None, kwargs: dict | None = None
     return ImageClassifier(model, create_transform(**data, is_training=False), class_names=class_names, name=spec)
 
 
+def classifier_classes(spec: str, weights: str | os.PathLike | None = None) -> int | None:
+    """How many classes `spec` predicts, known without building it (None when only the weights say),
+    and a CheckpointError / ConfigError now, not after hours of generation, for a missing file or an
+    unknown name."""
+    weights_path = Path(weights) if weights not in (None, "") else None
+    if weights_path is not None and not weights_path.is_file():
+        raise CheckpointError(f"classifier weights not found: {weights_path} (see pretrains/README.md)")
+    if spec.startswith("torchvision:"):
+        chosen = torchvision_weights(spec.split(":", 1)[1])
+        if weights_path is None and is_offline_mode():
+            raise CheckpointError(f"classifier '{spec}' needs its weights file in offline mode (torchvision's "
+                                  f"{Path(chosen.url).name}; set classifier_weights, see pretrains/README.md)")
+        return len(chosen.meta["categories"])
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec.split(":", 1)[1]
+        if not timm.is_model(name):
+            raise ConfigError(f"timm has no model '{name}' (classifier={spec})")
+        if weights_path is None and is_offline_mode():
+            raise CheckpointError(f"classifier '{spec}' needs a local weights file in offline mode")
+        return None
+    meta_path = Path(spec) / "classifier.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"classifier '{spec}' is neither 'torchvision:<name>', 'timm:<name>' nor a folder "
+                          "holding classifier.json + model.safetensors")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("class_names"):
+        return len(meta["class_names"])
+    return (meta.get("kwargs") or {}).get("num_classes")
+
+
+def check_n_way(spec: str, weights: str | os.PathLike | None, n_way: int, top_k: int = 1, where: str = "") -> None:
+    """`top_k <= n_way <= the classifier's classes`, or a ConfigError naming both - before any work."""
+    n_classes = classifier_classes(spec, weights)
+    if n_classes is not None and not top_k <= n_way <= n_classes:
+        raise ConfigError(f"{where}n_way={n_way}, top_k={top_k}: need top_k <= n_way <= the classifier's {n_classes} "
+                          f"classes (classifier={spec})")
+
+
 def load_classifier(spec: str, weights: str | os.PathLike | None = None) -> ImageClassifier:
     """The classifier named by `spec` (see the module docstring), in eval mode, frozen."""
     weights_path = Path(weights) if weights not in (None, "") else None

@@ -184,6 +184,9 @@ class PairedDataConfig:
     crop_probability: float = 0.5  # train-time random square crop, then resize back
     crop_ratio: float = 0.2  # crop side = image_size - crop_ratio * image_size
     clip_image_size: int = 224  # CLIP ViT-L/14 input
+    # Decode every image of the split once when the dataset is built, so a broken file stops the run
+    # before training (seconds for ImageNet-EEG's 2,000 images); false: only check that they exist.
+    check_images: bool = True
 
 
 @dataclass

@@ -17,6 +17,8 @@ file (Spampinato et al. 2017). The authors' rules, in order:
      `image_size - int(crop_ratio * image_size)` of the resized image, resized back (the authors'
      Resize -> random_crop -> Resize); `clip_pixel_values` is the un-augmented original image
      through the alignment target's own preprocessing (default: CLIP ViT-L/14's processor).
+The content is checked when a dataset is built (`check_trial_content`: floating EEG, one channel
+count, finite values in the window; every image decoded once with `check_images`).
 A missing image is an error naming its path: never a substitute (the authors' HEAD silently used
 random noise when no image folder was given).
 
@@ -31,6 +33,8 @@ rules keep and every missing image.
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import os
 import sys
 from collections import Counter
@@ -46,7 +50,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import CheckpointError, ConfigError, DataError, run_cli
-from .io import safe_torch_load
+from .io import atomic_write_text, safe_torch_load
+
+logger = logging.getLogger(__name__)
 
 # OpenAI CLIP's normalisation (the statistics CLIP ViT-L/14 was trained with); the demo's tiny CLIP
 # is trained with them too.
@@ -88,8 +94,52 @@ class EEGFile:
     path: Path
 
 
+def as_index(value: Any, what: str) -> int:
+    """An integer field of a data file (a Python int, a numpy integer or a 0-d integer tensor), or a
+    DataError naming `what`: a float, a string or a bool is not silently converted."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    shown = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}, {value.dtype}"
+    raise DataError(f"{what} is {shown} ({type(value).__name__}), expected an integer")
+
+
+def _check_trial(trial: Any, i: int, path: Any, n_labels: int, n_images: int) -> None:
+    missing = [k for k in TRIAL_KEYS if not isinstance(trial, dict) or k not in trial]
+    if missing:
+        raise DataError(f"EEG file {path}: trial {i} of 'dataset' has no key '{missing[0]}' "
+                        f"(each trial needs {list(TRIAL_KEYS)})")
+    eeg = trial["eeg"]
+    if not isinstance(eeg, torch.Tensor) or eeg.ndim != 2:
+        raise DataError(f"EEG file {path}: trial {i} 'eeg' is not a 2-D tensor [channels, time] "
+                        f"(got {getattr(eeg, 'shape', type(eeg).__name__)})")
+    if not eeg.is_floating_point():
+        raise DataError(f"EEG file {path}: trial {i} 'eeg' has dtype {eeg.dtype}, expected floating point "
+                        "(the released file holds float32)")
+    if min(eeg.shape) < 1:
+        raise DataError(f"EEG file {path}: trial {i} 'eeg' is empty (shape {tuple(eeg.shape)})")
+    label = as_index(trial["label"], f"EEG file {path}: trial {i}'s 'label'")
+    image = as_index(trial["image"], f"EEG file {path}: trial {i}'s 'image'")
+    as_index(trial["subject"], f"EEG file {path}: trial {i}'s 'subject'")
+    if not 0 <= label < n_labels:
+        raise DataError(f"EEG file {path}: trial {i} has label {label}, outside the {n_labels} entries of 'labels'")
+    if not 0 <= image < n_images:
+        raise DataError(f"EEG file {path}: trial {i} has image {image}, outside the {n_images} entries of 'images'")
+
+
+def _string_list(value: Any, key: str, path: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"EEG file {path}: '{key}' must be a list of strings, got {type(value).__name__}"
+                        + (f" holding {type(next(v for v in value if not isinstance(v, str))).__name__}"
+                           if isinstance(value, (list, tuple)) else ""))
+    return list(value)
+
+
 def load_eeg_file(path: str | os.PathLike) -> EEGFile:
-    """Read and check `eeg_5_95_std.pth`; a missing key is a `DataError` naming it."""
+    """Read and check `eeg_5_95_std.pth`: its keys, and every trial's keys, types and indices; a
+    problem is a `DataError` naming the trial and the field."""
     loaded = _load_torch_file(path, "EEG file")
     if not isinstance(loaded, dict):
         raise DataError(f"EEG file {path} holds a {type(loaded).__name__}, expected a dict with keys "
@@ -98,38 +148,38 @@ def load_eeg_file(path: str | os.PathLike) -> EEGFile:
         if key not in loaded:
             raise DataError(f"EEG file {path} has no key '{key}' (keys present: {sorted(map(str, loaded))}; "
                             f"expected {list(EEG_FILE_KEYS)})")
+    if not isinstance(loaded["dataset"], (list, tuple)):
+        raise DataError(f"EEG file {path}: 'dataset' is a {type(loaded['dataset']).__name__}, expected a list of trials")
     trials = list(loaded["dataset"])
-    wnids = [str(w) for w in loaded["labels"]]
-    image_names = [str(n) for n in loaded["images"]]
+    wnids = _string_list(loaded["labels"], "labels", path)
+    image_names = _string_list(loaded["images"], "images", path)
+    if not trials:
+        raise DataError(f"EEG file {path}: 'dataset' holds no trials")
     for i, trial in enumerate(trials):
-        missing = [k for k in TRIAL_KEYS if not isinstance(trial, dict) or k not in trial]
-        if missing:
-            raise DataError(f"EEG file {path}: trial {i} of 'dataset' has no key '{missing[0]}' "
-                            f"(each trial needs {list(TRIAL_KEYS)})")
-        eeg = trial["eeg"]
-        if not isinstance(eeg, torch.Tensor) or eeg.ndim != 2:
-            raise DataError(f"EEG file {path}: trial {i} 'eeg' is not a 2-D tensor [channels, time] "
-                            f"(got {getattr(eeg, 'shape', type(eeg).__name__)})")
-        if not 0 <= int(trial["label"]) < len(wnids):
-            raise DataError(f"EEG file {path}: trial {i} has label {int(trial['label'])}, outside the "
-                            f"{len(wnids)} entries of 'labels'")
-        if not 0 <= int(trial["image"]) < len(image_names):
-            raise DataError(f"EEG file {path}: trial {i} has image {int(trial['image'])}, outside the "
-                            f"{len(image_names)} entries of 'images'")
+        _check_trial(trial, i, path, len(wnids), len(image_names))
     return EEGFile(trials=trials, wnids=wnids, image_names=image_names, path=Path(path))
 
 
 def load_splits_file(path: str | os.PathLike) -> list[dict[str, list[int]]]:
-    """Read `block_splits_by_image_*.pth`: the list under its key 'splits'."""
+    """Read `block_splits_by_image_*.pth`: the list under its key 'splits' (each a dict of index lists)."""
     loaded = _load_torch_file(path, "splits file")
     if not isinstance(loaded, dict) or "splits" not in loaded:
         keys = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
         raise DataError(f"splits file {path} has no key 'splits' (found: {keys})")
+    if not isinstance(loaded["splits"], (list, tuple)) or not loaded["splits"]:
+        raise DataError(f"splits file {path}: 'splits' must be a non-empty list of dicts, got "
+                        f"{type(loaded['splits']).__name__}")
     splits = list(loaded["splits"])
     for n, split in enumerate(splits):
         if not isinstance(split, dict):
             raise DataError(f"splits file {path}: splits[{n}] is a {type(split).__name__}, expected a dict "
                             f"of index lists like {{'train': [...], 'val': [...], 'test': [...]}}")
+        for name, indices in split.items():
+            if not isinstance(indices, (list, tuple)):
+                raise DataError(f"splits file {path}: splits[{n}]['{name}'] is a {type(indices).__name__}, "
+                                "expected a list of trial positions")
+            for k, i in enumerate(indices):
+                as_index(i, f"splits file {path}: splits[{n}]['{name}'][{k}]")
     return splits
 
 
@@ -160,7 +210,7 @@ def split_indices(
     if split not in entry:
         raise DataError(f"split '{split}' is not in {path} (splits[{split_index}] holds: "
                         f"{', '.join(map(str, entry))})")
-    return [int(i) for i in entry[split]]
+    return [as_index(i, f"{path}: splits[{split_index}]['{split}']") for i in entry[split]]
 
 
 @dataclass
@@ -235,8 +285,8 @@ def _open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except OSError as err:
-        raise DataError(f"image {path} could not be read: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any decoder error means the file is damaged (see unreadable_images)
+        raise DataError(f"image {path} could not be read: {type(err).__name__}: {err}") from err
 
 
 def _to_unit_range(img: Image.Image) -> torch.Tensor:
@@ -277,6 +327,55 @@ def random_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
     return _resize(image[:, top:top + crop_size, left:left + crop_size], size)
 
 
+def trial_problems(eeg: Sequence[torch.Tensor], time_window: Sequence[int], path: Any, what: str,
+                   names: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(errors, notes) of the trials a run uses: one channel count, at least 2 samples in the time
+    window, finite values inside it (errors, each naming the trial: `names[k]`, by default "trial k
+    of <what>"); NaN/Inf outside the window (notes: those samples are not used)."""
+    start, stop = time_window
+    names = names or [f"trial {k} of {what}" for k in range(len(eeg))]
+    errors, notes = [], []
+    counts = Counter(int(e.shape[0]) for e in eeg)
+    if len(counts) > 1:
+        errors.append(f"EEG file {path}: the trials of {what} have different channel counts "
+                      f"({', '.join(f'{n} trials of {c}' for c, n in sorted(counts.items()))})")
+    for name, e in zip(names, eeg):
+        window = e[:, start:stop]
+        if window.shape[-1] < 2:
+            errors.append(f"EEG file {path}: {name} has {e.shape[-1]} samples: the time window [{start}, {stop}) "
+                          f"leaves {window.shape[-1]} (at least 2 are needed)")
+        elif not torch.isfinite(window).all():
+            errors.append(f"EEG file {path}: {name} holds NaN or Inf inside the time window [{start}, {stop}) "
+                          f"({int((~torch.isfinite(window)).sum())} values)")
+        elif not torch.isfinite(e).all():
+            notes.append(f"{name} holds NaN/Inf outside the time window [{start}, {stop}) (those samples are not used)")
+    return errors, notes
+
+
+def check_trial_content(eeg: Sequence[torch.Tensor], time_window: Sequence[int], path: Any, what: str,
+                        names: Sequence[str] | None = None) -> None:
+    """`trial_problems`, raising the first error as a DataError."""
+    errors, _ = trial_problems(eeg, time_window, path, what, names)
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s): `python -m dreamdiffusion.dataset check` lists them)" \
+            if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+
+
+def unreadable_images(paths: Sequence[Path] | dict) -> list[tuple[Path, str]]:
+    """(path, why) for every image that cannot be decoded (zero bytes, truncated, not an image)."""
+    broken = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        # A damaged file can make PIL's decoders raise almost anything (OSError, SyntaxError,
+        # struct.error, zlib.error, DecompressionBombError): all of them mean "cannot be decoded".
+        except Exception as err:  # noqa: BLE001
+            broken.append((Path(path), f"{type(err).__name__}: {err}" if str(err) else type(err).__name__))
+    return broken
+
+
 # ---------------------------------------------------------------------------------------------
 # The paired dataset
 
@@ -309,6 +408,7 @@ class ImageNetEEGDataset(Dataset):
         crop_ratio: float = 0.2,
         clip_image_size: int = 224,
         clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        check_images: bool = True,
     ):
         if len(time_window) != 2 or not 0 <= time_window[0] < time_window[1]:
             raise ConfigError(f"time_window must be [start, stop) with 0 <= start < stop, got {list(time_window)}")
@@ -346,17 +446,27 @@ class ImageNetEEGDataset(Dataset):
         self.image_names = [eeg_file.image_names[int(t["image"])] for t in trials]
         self.subjects = [int(t["subject"]) for t in trials]
         self.n_channels = int(self.eeg[0].shape[0])
-        bad = [n for n, e in enumerate(self.eeg) if e.shape[0] != self.n_channels]
-        if bad:
-            raise DataError(f"EEG file {self.eeg_path}: trials have different channel counts "
-                            f"({self.n_channels} and {self.eeg[bad[0]].shape[0]})")
+        # The checks of `python -m dreamdiffusion.dataset check`, on this split's trials: a stage never
+        # starts on data the check would reject.
+        file_index = {id(t): i for i, t in enumerate(eeg_file.trials)}
+        names = [f"dataset[{file_index[id(t)]}] (item {k} of split '{split}', subject {t['subject']})"
+                 for k, t in enumerate(trials)]
+        check_trial_content(self.eeg, self.time_window, self.eeg_path, f"split '{split}' of subject {subject}", names)
         if self.image_dir is not None:
-            missing = self.missing_images()
-            if missing:
-                shown = "\n  ".join(map(str, missing[:10]))
-                more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-                raise DataError(f"{len(missing)} image(s) of split '{split}' not found under {self.image_dir} "
-                                f"({DATA_README} explains where the ImageNet images go):\n  {shown}{more}")
+            self._check_images(split, check_images)
+
+    def _check_images(self, split: str, decode: bool) -> None:
+        missing = self.missing_images()
+        if missing:
+            shown = "\n  ".join(map(str, missing[:10]))
+            more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise DataError(f"{len(missing)} image(s) of split '{split}' not found under {self.image_dir} "
+                            f"({DATA_README} explains where the ImageNet images go):\n  {shown}{more}")
+        if decode:
+            broken = unreadable_images(dict.fromkeys(image_path(self.image_dir, n) for n in self.image_names))
+            if broken:
+                path, why = broken[0]
+                raise DataError(f"{len(broken)} image(s) of split '{split}' cannot be decoded, e.g. {path}: {why}")
 
     @classmethod
     def from_config(cls, cfg: Any, split: str, augment: bool = False,
@@ -379,6 +489,7 @@ class ImageNetEEGDataset(Dataset):
             crop_ratio=cfg.crop_ratio,
             clip_image_size=cfg.clip_image_size,
             clip_transform=clip_transform,
+            check_images=cfg.check_images,
         )
 
     def image_path(self, i: int) -> Path:
@@ -420,21 +531,28 @@ class ImageNetEEGDataset(Dataset):
 # Unpaired EEG for stage 1
 
 
-def _check_npy(path: Path) -> str | None:
-    """Why `path` is not a usable (channels x time) EEG array, or None if it is."""
+def _check_npy(path: Path, n_times: int) -> str | None:
+    """Why `path` is not a usable (channels x time) float EEG array, or None if it is."""
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
-        return f"cannot be read as a .npy array ({err})"
+    # np.load raises OSError, ValueError or EOFError on a damaged or truncated file, and refuses a
+    # pickled object (ValueError): each means "not an EEG array".
+    except Exception as err:  # noqa: BLE001
+        return f"cannot be read as a .npy array ({type(err).__name__}: {err})"
     if array.ndim != 2:
         return f"has shape {tuple(array.shape)}, expected 2-D (channels x time)"
-    if min(array.shape) < 1 or array.shape[1] < 2:
-        return f"has shape {tuple(array.shape)}, expected at least 1 channel and 2 time samples"
-    if not np.issubdtype(array.dtype, np.number):
-        return f"has dtype {array.dtype}, expected a numeric array"
-    if not np.isfinite(array).all():
-        return "contains NaN or Inf values"
-    return None
+    if not np.issubdtype(array.dtype, np.floating):
+        return f"has dtype {array.dtype}, expected floating point EEG"
+    if array.shape[0] < 1 or array.shape[1] < 2:
+        return f"has shape {tuple(array.shape)}: too short to crop or interpolate to {n_times} samples (at least 1 " \
+               "channel and 2 samples are needed)"
+    try:
+        finite = bool(np.isfinite(array).all())
+    except (OSError, ValueError) as err:  # a file truncated after its header fails when the data is read
+        return f"cannot be read to its end ({type(err).__name__}: {err})"
+    return None if finite else "contains NaN or Inf values"
 
 
 class EEGPretrainDataset(Dataset):
@@ -472,13 +590,14 @@ class EEGPretrainDataset(Dataset):
         self.files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
         for path in candidates:
-            problem = _check_npy(path)
+            problem = _check_npy(path, n_times)
             if problem is None:
                 self.files.append(path)
             elif skip_bad_files:
                 self.skipped.append((path, problem))
+                logger.warning("skipping %s: it %s", path, problem)
             else:
-                raise DataError(f"EEG file {path} {problem} (skip_bad_files=true skips such files)")
+                raise DataError(f"EEG file {path} {problem} (data.skip_bad_files=true skips such files)")
         if not self.files:
             raise DataError(f"all {len(candidates)} .npy files below {self.root} are unusable, e.g. "
                             f"{self.skipped[0][0]} {self.skipped[0][1]}")
@@ -486,6 +605,16 @@ class EEGPretrainDataset(Dataset):
     @property
     def n_skipped(self) -> int:
         return len(self.skipped)
+
+    def subset(self, files: Sequence[Path]) -> EEGPretrainDataset:
+        """The same dataset over some of its (already checked) files; `skipped` stays the whole scan's."""
+        out = copy.copy(self)
+        out.files = list(files)
+        return out
+
+    def write_skipped(self, path: str | os.PathLike) -> None:
+        """`skipped_files.txt`: one line per file skipped by skip_bad_files, with the reason."""
+        atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in self.skipped))
 
     @classmethod
     def from_config(cls, cfg: Any, files: Sequence[str | os.PathLike] | None = None) -> EEGPretrainDataset:
@@ -522,6 +651,19 @@ class EEGPretrainDataset(Dataset):
 # `python -m dreamdiffusion.dataset check`
 
 
+def _subject_summary(trials: list[dict]) -> list[str]:
+    """Per subject, what the file holds: trial count, channel counts found, trial lengths."""
+    lines = []
+    for subject in sorted({int(t["subject"]) for t in trials}):
+        mine = [t["eeg"] for t in trials if int(t["subject"]) == subject]
+        channels = Counter(int(e.shape[0]) for e in mine)
+        found = ", ".join(f"{c}" if len(channels) == 1 else f"{c} (x {n})" for c, n in sorted(channels.items()))
+        lengths = [int(e.shape[-1]) for e in mine]
+        lines.append(f"  subject {subject}: {len(mine)} trials, {found} channels, {min(lengths)}..{max(lengths)} "
+                     f"samples, dtype {', '.join(sorted({str(e.dtype) for e in mine}))}")
+    return lines
+
+
 def check(
     eeg_path: str | os.PathLike,
     splits_path: str | os.PathLike,
@@ -531,45 +673,65 @@ def check(
     time_window: Sequence[int] = (20, 460),
     min_trial_length: int = 450,
     max_trial_length: int = 600,
+    used_splits: Sequence[str] = ("train", "val", "test"),
     out=None,
-) -> list[Path]:
-    """Print what the loading rules keep; return the missing image paths (also printed)."""
+) -> list[str]:
+    """Print what the loading rules keep and what the files hold; return the problems (also printed).
+
+    Structure and types (keys, integer indices, floating EEG) are checked when the files are read;
+    then, for the trials each split keeps: channel counts, finite values in the time window (NaN/Inf
+    outside it is a note), a split of `used_splits` that keeps no trial, and every image decoded once.
+    """
     out = out or sys.stdout
     eeg_file = load_eeg_file(eeg_path)
     splits = load_splits_file(splits_path)
-    lengths = [t["eeg"].shape[-1] for t in eeg_file.trials]
-    per_subject = Counter(int(t["subject"]) for t in eeg_file.trials)
     print(f"{eeg_path}: {len(eeg_file.trials)} trials, {len(eeg_file.wnids)} classes, "
-          f"{len(eeg_file.image_names)} images, {eeg_file.trials[0]['eeg'].shape[0]} channels, "
-          f"trial length {min(lengths)}..{max(lengths)} samples", file=out)
-    print("trials per subject: " + ", ".join(f"{s}: {n}" for s, n in sorted(per_subject.items())), file=out)
+          f"{len(eeg_file.image_names)} images", file=out)
+    print("\n".join(_subject_summary(eeg_file.trials)), file=out)
     filtered = select_subject(eeg_file.trials, subject, eeg_path)
-    n_short = sum(t["eeg"].shape[-1] < time_window[1] for t in filtered)
-    print(f"subject {subject} ({'all subjects' if subject == 0 else 'one subject'}): {len(filtered)} trials; "
-          f"{n_short} shorter than the window end {time_window[1]}", file=out)
-    print(f"{splits_path}: {len(splits)} splits; split_index {split_index}, "
-          f"length filter {min_trial_length} <= T <= {max_trial_length}:", file=out)
+    print(f"{splits_path}: {len(splits)} splits; split_index {split_index}, subject {subject}"
+          f"{' (all subjects)' if subject == 0 else ''}, length filter {min_trial_length} <= T <= "
+          f"{max_trial_length}:", file=out)
     if not 0 <= split_index < len(splits):
         split_indices(splits, "train", split_index, splits_path)  # raises the out-of-range error
-    names = [str(name) for name in splits[split_index]]
-    kept_names: list[str] = []
-    for name in names:
+    errors, notes, kept_names = [], [], []
+    present = [str(n) for n in splits[split_index]]
+    errors += [f"split '{name}' is not in {splits_path} (splits[{split_index}] holds {', '.join(present)}; a stage "
+               "uses it)" for name in used_splits if name not in present]
+    for name in present:
         sel = apply_split(filtered, split_indices(splits, name, split_index, splits_path),
                           min_trial_length, max_trial_length)
         print(f"  {name:>5}: {sel.n_listed} listed, {sel.n_out_of_range} not a position of subject "
               f"{subject}'s trials, {sel.n_length_dropped} dropped by the length filter, "
               f"{len(sel.positions)} kept", file=out)
+        if not sel.positions and name in used_splits:
+            errors.append(f"split '{name}' of {splits_path} keeps no trial of subject {subject} (a stage uses it)")
+        file_index = {id(t): i for i, t in enumerate(eeg_file.trials)}
+        labels = [f"dataset[{file_index[id(filtered[i])]}] (item {k} of split '{name}')"
+                  for k, i in enumerate(sel.positions)]
+        trial_errors, trial_notes = trial_problems([filtered[i]["eeg"] for i in sel.positions], time_window,
+                                                   eeg_path, f"split '{name}'", labels)
+        errors += trial_errors
+        notes += trial_notes
         kept_names += [eeg_file.image_names[int(filtered[i]["image"])] for i in sel.positions]
-    missing: list[Path] = []
-    if image_dir is not None:
-        paths = dict.fromkeys(image_path(image_dir, n) for n in kept_names)
-        missing = [p for p in paths if not p.is_file()]
-        print(f"images: {len(paths)} needed under {image_dir}, {len(missing)} missing", file=out)
-        for p in missing:
-            print(f"  missing: {p}", file=out)
-    else:
+    errors += _image_problems(image_dir, kept_names, out)
+    for note in notes:
+        print(f"note: {note}", file=out)
+    for problem in errors:
+        print(f"problem: {problem}", file=out)
+    return errors
+
+
+def _image_problems(image_dir, names: Sequence[str], out) -> list[str]:
+    if image_dir is None:
         print("images: not checked (no --images folder given)", file=out)
-    return missing
+        return []
+    paths = list(dict.fromkeys(image_path(image_dir, n) for n in names))
+    missing = [p for p in paths if not p.is_file()]
+    broken = unreadable_images([p for p in paths if p.is_file()])
+    print(f"images: {len(paths)} needed under {image_dir}, {len(missing)} missing, {len(broken)} that cannot be "
+          "decoded (each decoded once)", file=out)
+    return [f"missing image {p}" for p in missing] + [f"image {p} cannot be decoded: {why}" for p, why in broken]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -585,11 +747,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--min-trial-length", type=int, default=450)
     p.add_argument("--max-trial-length", type=int, default=600)
     args = parser.parse_args(argv)
-    missing = check(args.eeg, args.splits, args.images, subject=args.subject, split_index=args.split_index,
-                    min_trial_length=args.min_trial_length, max_trial_length=args.max_trial_length)
-    if missing:
-        raise DataError(f"{len(missing)} image(s) missing under {args.images} (listed above; "
-                        f"{DATA_README} explains where the ImageNet images go)")
+    problems = check(args.eeg, args.splits, args.images, subject=args.subject, split_index=args.split_index,
+                     min_trial_length=args.min_trial_length, max_trial_length=args.max_trial_length)
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) found (listed above), e.g. {problems[0]} "
+                        f"({DATA_README} describes each check)")
     print("ok")
 
 

@@ -31,8 +31,8 @@ from . import fidelity
 from . import generation as G
 from . import metrics as M
 from .config import resolved, save_config, to_container
-from .errors import ConfigError, DataError
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .errors import CheckpointError, ConfigError, DataError
+from .io import atomic_path, atomic_write_json, atomic_write_text, check_output_dir
 from .pipeline import DEFAULT_STEPS, NULL_CONDITIONS, SAMPLERS, DreamDiffusionPipeline
 from .scoring import GENERATION_METRICS, KNOWN_METRICS, MetricNetworks, Scorer, load_rgb, read_image_folder
 
@@ -73,6 +73,38 @@ def check_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def validate_inputs(cfg: DictConfig) -> None:
+    """Every file and model the phases will read (cfg with resolved paths), before anything is
+    written or loaded: a missing one is an error now, not after hours of generation."""
+    from .classifier import check_n_way
+    from .clip_embedder import OPEN_CLIP_PREFIX, check_clip_path
+    from .dataset import DATA_README
+
+    check_output_dir(cfg.output_dir)
+    if cfg.phase in ("generate", "all"):
+        for key in ("eeg_path", "splits_path"):
+            if not Path(cfg.data[key]).is_file():
+                raise DataError(f"data.{key}={cfg.data[key]} not found ({DATA_README} explains where it goes)")
+        if cfg.data.image_dir is None or not Path(cfg.data.image_dir).is_dir():
+            raise DataError(f"stage 3 needs the ground-truth images: data.image_dir={cfg.data.image_dir} is not a folder")
+        generator = ("oracle_sd_path", cfg.oracle_sd_path) if cfg.class_oracle else ("model", cfg.model)
+        if not Path(generator[1]).exists():
+            raise ConfigError(f"{generator[0]}={generator[1]} not found (expected a stage-2 model folder, the authors' "
+                              "checkpoint.pth, or for the oracle an SD1.5 file or folder)")
+        if cfg.class_oracle:
+            check_clip_path(cfg.oracle_text_encoder_path or cfg.clip_path)
+    elif cfg.images_dir is not None and not Path(cfg.images_dir).is_dir():
+        raise DataError(f"images_dir={cfg.images_dir} is not a folder (expected test{{i}}-{{k}}.png files)")
+    metrics = set(cfg.metrics)
+    if "n_way" in metrics:
+        check_n_way(cfg.classifier, cfg.classifier_weights, cfg.n_way, cfg.top_k)
+    if metrics & {"clip_similarity", "retrieval"} and cfg.clip_path and not str(cfg.clip_path).startswith(OPEN_CLIP_PREFIX):
+        check_clip_path(cfg.clip_path)
+    for metric, key in (("lpips", "lpips_weights"), ("fid", "fid_feature_weights")):
+        if metric in metrics and cfg[key] is not None and not Path(cfg[key]).is_file():
+            raise CheckpointError(f"{key}={cfg[key]} not found (see pretrains/README.md)")
 
 
 def _device(name: str) -> torch.device:
@@ -455,8 +487,12 @@ def run_stage3(cfg: DictConfig, extra_networks: dict[str, Any] | None = None) ->
     check_config(cfg)
     paths = resolved(cfg)
     out_dir = Path(paths.output_dir)
-    if paths.phase in ("generate", "all") and paths.data.image_dir is None:
-        raise ConfigError("stage 3 needs the ground-truth images: set data.image_dir")
+    validate_inputs(paths)
+    if paths.phase in ("generate", "all") and _is_launcher_rank_zero():
+        from .dataset import ImageNetEEGDataset
+
+        # the data's content is checked here, before anything is written (each process loads it again)
+        ImageNetEEGDataset.from_config(paths.data, split=paths.split)
     if _is_launcher_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from .config import deviations, resolved, save_config, to_container
 from .errors import CheckpointError, ConfigError
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, check_output_dir
 from .model import (
     CLIP_LOSSES,
     TRAINABLE_SETS,
@@ -346,18 +346,24 @@ def _check_model_fits_data(model: DreamDiffusion, cfg: DictConfig, n_channels: i
 def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path:
     """Fine-tune as `cfg` (a `Stage2Config`) says; return the output folder. `model` replaces the
     one built from the config's files (for tests and notebooks)."""
+    from .classifier import check_n_way
     from .dataset import ImageNetEEGDataset
 
     check_config(cfg)
     paths = resolved(cfg)
     out_dir, ckpt_dir, last = output_paths(paths)
+    check_output_dir(out_dir)
     if model is None:
         check_pretrained_files(paths)
+    if paths.classifier:
+        check_n_way(paths.classifier, paths.classifier_weights, cfg.n_way, where="stage 2's val top-1: ")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # the data (and its content checks) before the weights: a bad file stops the run in seconds
+    train_set = ImageNetEEGDataset.from_config(paths.data, "train", augment=True)
+    val_set = ImageNetEEGDataset.from_config(paths.data, "val", augment=False)
     model = model if model is not None else build_model(paths)
-    clip_transform = model.clip_encoder.preprocess if model.clip_encoder is not None else None
-    train_set = ImageNetEEGDataset.from_config(paths.data, "train", augment=True, clip_transform=clip_transform)
-    val_set = ImageNetEEGDataset.from_config(paths.data, "val", augment=False, clip_transform=clip_transform)
+    if model.clip_encoder is not None:  # the CLIP input is the alignment target's own preprocessing
+        train_set.clip_transform = val_set.clip_transform = model.clip_encoder.preprocess
     _check_model_fits_data(model, paths, train_set.n_channels)
 
     val_items = [val_set[i] for i in range(min(cfg.n_val_samples, len(val_set)))]

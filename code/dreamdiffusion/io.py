@@ -46,6 +46,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
+    """A usable output folder: not a file, and writable (or creatable) - checked before any work, so a
+    run never fails after hours on a folder it cannot write. Returns the path."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}={path} is an existing file, not a folder: choose another {what}")
+    existing = path
+    while not existing.exists():  # the deepest part that exists decides whether the folder can be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what}={path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}={path} is not writable ({existing} does not allow writing): choose another {what}")
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -187,6 +205,11 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{what} {path} was refused: {err}") from err
+    # A damaged or foreign file can make the unpickler fail in many ways (UnicodeDecodeError,
+    # EOFError, struct.error, ...): all mean "not a readable torch file".
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{what} {path} could not be read as a torch checkpoint: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 def pickled_attrs(obj: Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .config import resolved, save_config, to_container
 from .errors import ConfigError
-from .io import atomic_path
+from .io import atomic_path, check_output_dir
 from .mae import PATCH_EMBED_INITS, MaskedEEGAutoencoder, build_mae, count_parameters, save_eeg_encoder
 from .training import (
     EpochMetricsCSV,
@@ -367,9 +367,7 @@ def build_datasets(cfg: DictConfig):
     files = [full.files[i] for i in order]
     if n_val >= len(files):
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no training files of {len(files)}")
-
-    return (EEGPretrainDataset.from_config(cfg.data, files=files[n_val:]),
-            EEGPretrainDataset.from_config(cfg.data, files=files[:n_val]))
+    return full.subset(files[n_val:]), full.subset(files[:n_val])
 
 
 def run_pretraining(cfg: DictConfig) -> Path:
@@ -377,6 +375,7 @@ def run_pretraining(cfg: DictConfig) -> Path:
     check_config(cfg)
     paths = resolved(cfg)  # absolute paths; config.yaml keeps the user's
     out_dir, ckpt_dir, last = output_paths(paths)
+    check_output_dir(out_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set = build_datasets(paths)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
@@ -402,6 +401,8 @@ def run_pretraining(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
+        if cfg.data.skip_bad_files:
+            train_set.write_skipped(out_dir / "skipped_files.txt")  # what the whole folder's scan skipped
         _print_once(paths, len(train_set), 0 if val_set is None else len(val_set))
     module = MAEPretrainModule(to_container(cfg))
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
