@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 
-.PHONY: install test demo demo-quick lint clean
+.PHONY: install test demo demo-quick demo-things rehearsal paper-table-dry-run lint clean
 
 install: $(STAMP)
 
@@ -33,5 +33,17 @@ demo: install
 demo-quick: install
 	$(PY) code/demo.py --quick
 
+# Every stage at the paper's model sizes, a few steps each, on random-weight stand-ins written in
+# the real formats (about 15 GB under pretrains/rehearsal and datasets/rehearsal, written once).
+rehearsal: install
+	$(PY) code/rehearsal.py
+
+# Stages 2-3 on a synthetic THINGS-EEG2 (zero-shot retrieval); not part of `make demo`.
+demo-things: install
+	$(PY) code/demo.py --things
+
+paper-table-dry-run: install
+	$(PY) code/paper_table.py --dry-run
+
 clean:
-	rm -rf $(VENV) results/demo datasets/demo pretrains/demo
+	rm -rf $(VENV) results/demo datasets/demo pretrains/demo outputs/demo results/demo_things datasets/demo_things outputs/demo_things

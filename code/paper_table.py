@@ -26,6 +26,8 @@ def main(argv=None):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"overrides for every {stage} run (e.g. trainer.devices=8)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     spec, rows = load_grid(args.grid)
     if args.rows:
         wanted = args.rows.split(",")

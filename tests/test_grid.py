@@ -65,6 +65,30 @@ def test_a_bad_row_file_names_the_file_and_the_key(tmp_path):
         load_grid(folder)
 
 
+def test_broken_yaml_a_list_a_bad_stage3_key_and_no_jobs_are_sentences(tmp_path, capsys):
+    import importlib.util
+
+    from dreamdiffusion.errors import run_cli
+
+    spec_ = importlib.util.spec_from_file_location("paper_table", REPO_ROOT / "code" / "paper_table.py")
+    paper_table = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(paper_table)
+
+    folder = _tiny_grid(tmp_path)
+    (folder / "b.yaml").write_text("name: b\n  label: [\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml is not valid YAML"):
+        load_grid(folder)
+    (folder / "b.yaml").write_text("- name: b\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml must be a mapping of RowSpec keys"):
+        load_grid(folder)
+    (folder / "b.yaml").unlink()
+    spec, rows = load_grid(folder)
+    with pytest.raises(ConfigError, match="no_such_key"):
+        plan(spec, rows, {"seed": "1"}, extra={"stage3": ["no_such_key=1"]})
+    assert run_cli(paper_table.main, ["--jobs", "0", "--dry-run"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
 def test_finished_runs_are_skipped_and_a_changed_one_is_refused(tmp_path):
     from dreamdiffusion.config import save_config
     from dreamdiffusion.grid import _split_args

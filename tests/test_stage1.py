@@ -126,7 +126,15 @@ def test_two_process_ddp_on_cpu(corpus, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("mask_ratio=1.5", "mask_ratio must be in [0, 1)"),
+        ("mask_ratio=1.5", "mask_ratio must be in (0, 1)"),
+        ("mask_ratio=0", "0 hides no patch"),
+        # what a review of the CLIs found ending in Lightning's tracebacks
+        ("trainer.precision=fp17", "invalid trainer settings"),
+        ("trainer.accelerator=tpux", "invalid trainer settings"),
+        ("trainer.devices=0", "trainer.devices must be >= 1"),
+        ("trainer.strategy=nonsense", "invalid trainer settings"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be >= 1"),
+        ("trainer.num_workers=-1", "trainer.num_workers must be >= 0"),
         ("encoder.n_channels=16", "encoder.n_channels (16) and data.n_channels (8) differ"),
         ("no_such_key=1", "no_such_key"),
         ("resume=true", "no checkpoint to resume from"),
@@ -139,6 +147,24 @@ def test_bad_config_exits_with_code_2(corpus, tmp_path, capsys, override, messag
     assert run_cli(script.main, tiny_overrides(corpus, tmp_path / "bad") + [override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_a_config_file_that_is_not_a_mapping_and_a_wrong_wandb_mode(corpus, tmp_path, capsys):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- epochs: 2\n")
+    assert run_cli(STAGE1.main, ["--config", str(listed), *tiny_overrides(corpus, tmp_path / "a")]) == 2
+    assert "holds a list, expected a mapping" in capsys.readouterr().err
+    assert run_cli(STAGE1.main, tiny_overrides(corpus, tmp_path / "b") + ["wandb.enabled=true", "wandb.mode=onlin"]) == 2
+    assert "wandb.mode must be one of online, offline, disabled" in capsys.readouterr().err
+
+
+def test_resuming_with_other_model_sizes_is_a_sentence(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    STAGE1.main(tiny_overrides(corpus, out, epochs=1, warmup_epochs=0))
+    args = tiny_overrides(corpus, out, epochs=2, warmup_epochs=0, resume="true", **{"encoder.embed_dim": 64})
+    assert run_cli(STAGE1.main, args) == 2
+    err = capsys.readouterr().err
+    assert "was not written by this stage with these model sizes" in err and "Traceback" not in err
 
 
 def test_missing_corpus_exits_with_code_2(tmp_path, capsys):

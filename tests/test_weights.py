@@ -17,6 +17,17 @@ def test_offline_it_says_what_to_place_where(tmp_path, capsys):
     assert run_cli(main, ["--root", str(tmp_path), "--check", "--only", "classifier"]) == 0
 
 
+def test_a_damaged_manifest_is_named(tmp_path, capsys):
+    from dreamdiffusion.weights import MANIFEST
+
+    (tmp_path / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    for text in ("{\n", "[1, 2]"):
+        (tmp_path / MANIFEST).write_text(text)
+        assert run_cli(main, ["--root", str(tmp_path), "--check", "--only", "classifier"]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / MANIFEST) in err and "Traceback" not in err
+
+
 def test_the_paths_are_the_config_defaults():
     assert WEIGHTS["classifier"].path == Stage3Config.classifier_weights
     assert WEIGHTS["sd15"].path == Stage2Config.sd_path == Stage3Config.oracle_sd_path

@@ -168,9 +168,30 @@ class WandbConfig:
 
 
 @dataclass
-class PairedDataConfig:
-    """ImageNet-EEG (Spampinato et al. 2017) as the authors load it (docs/method.md, "Data")."""
+class ThingsEEG2Config:
+    """THINGS-EEG2 (Gifford et al. 2022; dreamdiffusion.things_eeg2), with data.kind=things_eeg2. The
+    images are data.image_dir (the image set: image_metadata.npy, training_images/, test_images/)."""
 
+    eeg_dir: str = path_field("datasets/things-eeg2/preprocessed_data")  # sub-XX/preprocessed_eeg_*.npy
+    # Leave-one-subject-out: train (and validate) on every other subject of eeg_dir, test on this one.
+    leave_out: int | None = None
+    average_repetitions_train: bool = False  # one item per repetition (ATM); true: their mean (NICE)
+    average_repetitions_test: bool = True  # the field's protocol: the 80 test repetitions averaged
+    val_concepts: int = 100  # training concepts held out for validation (seeded)
+    seed: int = 0
+    n_channels: int | None = None  # adapt the EEG to the encoder (tile / crop channels); null = native
+    n_times: int | None = None  # linear interpolation along time; null = native
+    pick_channels: list[str] | None = None  # e.g. the 17 occipital/parietal channels of a 63-channel file
+
+
+@dataclass
+class PairedDataConfig:
+    """ImageNet-EEG (Spampinato et al. 2017) as the authors load it (docs/method.md, "Data"), or
+    THINGS-EEG2 with kind=things_eeg2 (then eeg_path, splits_path, the window and the length filter
+    are not used)."""
+
+    kind: str = "imagenet_eeg"  # imagenet_eeg | things_eeg2
+    things_eeg2: ThingsEEG2Config = field(default_factory=ThingsEEG2Config)
     eeg_path: str = path_field("datasets/eeg_5_95_std.pth")
     splits_path: str = path_field("datasets/block_splits_by_image_single.pth")
     image_dir: str | None = path_field("datasets/imageNet_images")
@@ -294,6 +315,9 @@ class Stage2Config:
     weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
     grad_clip: float = 0.5
     gradient_checkpointing: bool = False
+    # At start-up, one extra forward/backward on one sample measures the activations and prints the
+    # computed peak memory next to the device's, with the settings to change when it will not fit.
+    memory_check: bool = True
     val_every_n_epochs: int = 2
     sample_every_n_epochs: int = 10
     n_val_samples: int = 8  # EEG trials of the val split sampled for images / top-1
@@ -363,6 +387,18 @@ class Stage3Config:
     clip_weights: str | None = path_field(None)  # for clip_path="open_clip:<model name>"
     lpips_weights: str | None = path_field(None)
     fid_feature_weights: str | None = path_field(None)
+    # EEG->image retrieval: top-k for each k here at each n-way here (exact expectations, n up to the
+    # number of distinct images); the (n_way, top_k) cell is also the headline "retrieval".
+    retrieval_ways: list[int] = field(default_factory=lambda: [2, 4, 10, 50, 100, 200])
+    retrieval_top_ks: list[int] = field(default_factory=lambda: [1, 5])
+    # The reconstruction metrics of the brain-to-image literature (dreamdiffusion.recon), each from
+    # torchvision's weights file: alexnet2/alexnet5 (alexnet-owt-7be5be79.pth, the LPIPS file too),
+    # inception (inception_v3_google-0cc3c7bd.pth), effnet (efficientnet_b1_rwightman-bac287d4.pth),
+    # swav (the SwAV release's swav_800ep_pretrain.pth.tar). Unset = that metric is skipped.
+    alexnet_weights: str | None = path_field(None)
+    inception_weights: str | None = path_field(None)
+    effnet_weights: str | None = path_field(None)
+    swav_weights: str | None = path_field(None)
     # The controls of docs/method.md, "Controls"
     shuffled_labels: bool = False  # pair each EEG trial with a random image of another class
     class_oracle: bool = False  # condition SD on "a photo of a <class>" instead of EEG
@@ -398,9 +434,13 @@ def _load_yaml(f: str | os.PathLike) -> tuple[Any, str]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return OmegaConf.load(path), str(path)
+        loaded = OmegaConf.load(path)
     except Exception as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} holds a {type(loaded).__name__.removesuffix('Config').lower()}, "
+                          "expected a mapping of config keys (key: value)")
+    return loaded, str(path)
 
 
 def _dotlist(item: str) -> tuple[Any, str]:
@@ -466,7 +506,7 @@ def parse_args(
                         help="YAML merged over the stage defaults (repeatable, applied in order)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
+    args = parser.parse_intermixed_args(list(argv) if argv is not None else sys.argv[1:])
     cfg = build_config(schema, args.config, args.overrides, default_file=default_file)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")

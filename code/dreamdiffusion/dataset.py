@@ -527,6 +527,40 @@ class ImageNetEEGDataset(Dataset):
         return item
 
 
+DATA_KINDS = ("imagenet_eeg", "things_eeg2")
+
+
+def paired_dataset(cfg: Any, split: str, augment: bool = False, load_images: bool = True) -> Dataset:
+    """The paired dataset a `PairedDataConfig` (paths resolved) names: ImageNet-EEG or THINGS-EEG2.
+
+    THINGS-EEG2: subject 0 = every subject of eeg_dir; with `things_eeg2.leave_out` = k, train and
+    val use the other subjects and test uses subject k alone (leave-one-subject-out).
+    """
+    if cfg.kind == "imagenet_eeg":
+        if not load_images:
+            cfg = {**dict(cfg), "image_dir": None}
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.create(cfg)
+        return ImageNetEEGDataset.from_config(cfg, split, augment=augment)
+    if cfg.kind != "things_eeg2":
+        raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got '{cfg.kind}'")
+    from .things_eeg2 import ThingsEEG2Dataset, subjects_except
+
+    t = cfg.things_eeg2
+    if t.leave_out is not None:
+        subject = [t.leave_out] if split == "test" else subjects_except(t.leave_out)
+    else:
+        subject = "all" if cfg.subject == 0 else cfg.subject
+    return ThingsEEG2Dataset(
+        t.eeg_dir, cfg.image_dir, subject=subject, split=split,
+        average_repetitions=t.average_repetitions_test if split == "test" else t.average_repetitions_train,
+        n_channels=t.n_channels, n_times=t.n_times, pick_channels=list(t.pick_channels) if t.pick_channels else None,
+        val_concepts=t.val_concepts, seed=t.seed, image_size=cfg.image_size, load_images=load_images,
+        clip_image_size=cfg.clip_image_size, augment=augment, crop_probability=cfg.crop_probability,
+        crop_ratio=cfg.crop_ratio, check_images=cfg.check_images)
+
+
 # ---------------------------------------------------------------------------------------------
 # Unpaired EEG for stage 1
 

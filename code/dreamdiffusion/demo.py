@@ -2,6 +2,7 @@
 
     python code/demo.py            # ~15 min on 2 CPU cores: builds the world once, then the demo's grid
     python code/demo.py --quick    # a much smaller world and runs (the test in `make test`)
+    python code/demo.py --things   # `make demo-things`: stages 2-3 on a synthetic THINGS-EEG2 (demo_things.py)
 
 1. the world (`dreamdiffusion.demo_world`, rebuilt only when missing): synthetic ImageNet-EEG in the
    real formats under datasets/demo/, tiny CLIP / Stable Diffusion / classifier under pretrains/demo/;
@@ -38,6 +39,8 @@ QUICK = REPO_ROOT / "configs" / "demo" / "quick"
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a much smaller world and runs (about a minute)")
+    parser.add_argument("--things", action="store_true",
+                        help="stages 2-3 on a synthetic THINGS-EEG2 instead (`make demo-things`; outputs/demo_things)")
     parser.add_argument("--datasets-dir", default=None, help="default: datasets/demo (datasets/demo_quick with --quick)")
     parser.add_argument("--pretrains-dir", default=None, help="default: pretrains/demo (pretrains/demo_quick)")
     parser.add_argument("--outputs-dir", default=None, help="default: outputs/demo (outputs/demo_quick)")
@@ -104,6 +107,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
+        if args.things:
+            from .demo_things import run_demo_things
+
+            dirs = {"datasets": _dir(args.datasets_dir, "datasets/demo"),
+                    "pretrains": _dir(args.pretrains_dir, "pretrains/demo"),
+                    "outputs": _dir(args.outputs_dir, "outputs/demo_things"),
+                    "results": _dir(args.results_dir, "results/demo_things")}
+            return run_demo_things(dirs, progress=not args.no_progress)
         return run_demo(args)
     finally:
         torch.set_num_threads(threads)

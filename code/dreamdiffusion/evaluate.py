@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ from .scoring import GENERATION_METRICS, KNOWN_METRICS, MetricNetworks, Scorer, 
 logger = logging.getLogger(__name__)
 
 PHASES = ("generate", "score", "all")
+# The recon feature metrics and the config field of each one's weights file.
+FEATURE_WEIGHTS = {"alexnet2": "alexnet_weights", "alexnet5": "alexnet_weights", "inception": "inception_weights",
+                   "effnet": "effnet_weights", "swav": "swav_weights"}
+_runtime: dict[str, Any] = {}  # what runtime.json gets: generation speed, peak memory
 # Stage-3 deviations that describe how images were generated (not listed for a foreign folder).
 _GENERATION_KEYS = {"sampler", "num_inference_steps", "num_images_per_eeg", "guidance_scale", "split",
                     "data.image_size", "data.subject", "data.split_index", "data.time_window", "data.n_times"}
@@ -63,11 +68,15 @@ def check_config(cfg: DictConfig) -> None:
         (cfg.n_way_trials is None or cfg.n_way_trials >= 1, f"n_way_trials must be >= 1 or null (exact), got {cfg.n_way_trials}"),
         (1 <= cfg.top_k <= cfg.n_way, f"top_k must be in [1, n_way={cfg.n_way}], got {cfg.top_k}"),
         (cfg.num_nodes >= 1, f"num_nodes must be >= 1, got {cfg.num_nodes}"),
+        (not isinstance(cfg.devices, int) or cfg.devices >= 1 or cfg.devices == -1,
+         f"devices must be >= 1, -1 (all), a list of ids or \"auto\", got {cfg.devices}"),
         (cfg.rank_timeout_s > 0, f"rank_timeout_s must be > 0, got {cfg.rank_timeout_s}"),
         (cfg.save_images or not set(cfg.metrics) & set(GENERATION_METRICS) or cfg.phase == "score",
          f"save_images=false writes no images, but metrics {sorted(set(cfg.metrics) & set(GENERATION_METRICS))} "
          "need them: keep save_images=true or use metrics=[retrieval]"),
     ]
+    for name in ("retrieval_ways", "retrieval_top_ks"):
+        checks.append((all(int(v) >= 1 for v in cfg[name]), f"{name} must hold integers >= 1, got {list(cfg[name])}"))
     for name in ("num_images_per_eeg", "batch_size", "n_grid_trials", "num_inference_steps"):
         checks.append((cfg[name] is None or cfg[name] >= 1, f"{name} must be >= 1, got {cfg[name]}"))
     for ok, message in checks:
@@ -84,9 +93,11 @@ def validate_inputs(cfg: DictConfig) -> None:
 
     check_output_dir(cfg.output_dir)
     if cfg.phase in ("generate", "all"):
-        for key in ("eeg_path", "splits_path"):
-            if not Path(cfg.data[key]).is_file():
-                raise DataError(f"data.{key}={cfg.data[key]} not found ({DATA_README} explains where it goes)")
+        inputs = [("data.eeg_path", cfg.data.eeg_path), ("data.splits_path", cfg.data.splits_path)] \
+            if cfg.data.kind == "imagenet_eeg" else [("data.things_eeg2.eeg_dir", cfg.data.things_eeg2.eeg_dir)]
+        for key, path in inputs:
+            if not Path(path).exists():
+                raise DataError(f"{key}={path} not found ({DATA_README} explains where it goes)")
         if cfg.data.image_dir is None or not Path(cfg.data.image_dir).is_dir():
             raise DataError(f"stage 3 needs the ground-truth images: data.image_dir={cfg.data.image_dir} is not a folder")
         generator = ("oracle_sd_path", cfg.oracle_sd_path) if cfg.class_oracle else ("model", cfg.model)
@@ -102,7 +113,7 @@ def validate_inputs(cfg: DictConfig) -> None:
         check_n_way(cfg.classifier, cfg.classifier_weights, cfg.n_way, cfg.top_k)
     if metrics & {"clip_similarity", "retrieval"} and cfg.clip_path and not str(cfg.clip_path).startswith(OPEN_CLIP_PREFIX):
         check_clip_path(cfg.clip_path)
-    for metric, key in (("lpips", "lpips_weights"), ("fid", "fid_feature_weights")):
+    for metric, key in (("lpips", "lpips_weights"), ("fid", "fid_feature_weights"), *FEATURE_WEIGHTS.items()):
         if metric in metrics and cfg[key] is not None and not Path(cfg[key]).is_file():
             raise CheckpointError(f"{key}={cfg[key]} not found (see pretrains/README.md)")
 
@@ -162,7 +173,7 @@ def _is_launcher_rank_zero() -> bool:
 
 def run_generation(cfg: DictConfig, out_dir: Path, progress: bool) -> int:
     """The generate phase (cfg with resolved paths); returns this process's rank."""
-    from .dataset import ImageNetEEGDataset
+    from .dataset import paired_dataset
 
     settings = G.generation_settings(cfg)
     if _is_launcher_rank_zero():  # before the other processes start: they find the settings agreed
@@ -175,7 +186,9 @@ def run_generation(cfg: DictConfig, out_dir: Path, progress: bool) -> int:
     model = model.to(device=device, dtype=dtype).eval()
     pipe = DreamDiffusionPipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    dataset = ImageNetEEGDataset.from_config(_data_at(cfg, model.image_size), split=cfg.split)
+    dataset = paired_dataset(_data_at(cfg, model.image_size), cfg.split)
+    if not cfg.class_oracle:
+        _check_eeg_fits(model, cfg, dataset)
     n_trials = len(dataset) if cfg.max_trials is None else min(cfg.max_trials, len(dataset))
     references = G.shuffled_references(dataset.labels, cfg.seed) if cfg.shuffled_labels else list(range(len(dataset)))
     notes: list[str] = []
@@ -184,7 +197,18 @@ def run_generation(cfg: DictConfig, out_dir: Path, progress: bool) -> int:
     sampling = dict(num_images_per_eeg=cfg.num_images_per_eeg, num_inference_steps=steps, sampler=cfg.sampler,
                     eta=cfg.eta, guidance_scale=cfg.guidance_scale, null_condition=cfg.null_condition)
     job = G.GenerationJob(cfg, out_dir, model, pipe, dataset, references, contexts, sampling)
-    job.run(G.batches_of_rank(n_trials, cfg.batch_size, rank, world), progress)
+    started = time.perf_counter()
+    generated = job.run(G.batches_of_rank(n_trials, cfg.batch_size, rank, world), progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    calls = steps + 1 if cfg.sampler == "plms" else steps  # PLMS: one extra call in its first step
+    images = generated * max(cfg.num_images_per_eeg, 1)
+    _runtime.update({"generation_seconds": round(seconds, 2), "trials_generated": generated,
+                     "unet_calls_per_image": calls, "device": str(device),
+                     "seconds_per_step": round(seconds / (images * calls), 4) if generated else None})
+    if device.type == "cuda":
+        _runtime["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if rank == 0:
         if world > 1:
             G.wait_for_all(out_dir, n_trials, cfg.rank_timeout_s, progress=progress)
@@ -192,6 +216,16 @@ def run_generation(cfg: DictConfig, out_dir: Path, progress: bool) -> int:
         atomic_write_json(out_dir / "generation.json", {**header, "notes": notes, "world_size": world})
         G.write_jsonl(out_dir, n_trials)
     return rank
+
+
+def _check_eeg_fits(model, cfg: DictConfig, dataset) -> None:
+    expected = tuple(model.conditioner.encoder.config[k] for k in ("n_channels", "n_times"))
+    if expected != (dataset.n_channels, dataset.n_times):
+        fix = ("set data.n_times, or use the EEG file the model was trained on" if cfg.data.kind == "imagenet_eeg" else
+               f"set data.things_eeg2.n_channels={expected[0]} data.things_eeg2.n_times={expected[1]} (null = the "
+               "file's native size; configs/presets/things_eeg2_native.yaml)")
+        raise ConfigError(f"the model's EEG encoder ({cfg.model}) expects [{expected[0]}, {expected[1]}] inputs but the "
+                          f"{cfg.split} EEG is [{dataset.n_channels}, {dataset.n_times}]: {fix}")
 
 
 def _data_at(cfg: DictConfig, image_size: int) -> DictConfig:
@@ -216,9 +250,9 @@ def load_metric_networks(cfg: DictConfig, device: torch.device, metrics: list[st
     wanted = [m for m in metrics if m not in skipped]
     if "n_way" in wanted and nets.classifier is None:
         nets.classifier = load_classifier(cfg.classifier, cfg.classifier_weights).to(device)
-    if {"clip_similarity", "retrieval"} & set(wanted) and nets.clip is None:
+    if {"clip_similarity", "retrieval", "clip_2way"} & set(wanted) and nets.clip is None:
         if cfg.clip_path is None:
-            skipped.update({m: "no clip_path given" for m in ("clip_similarity", "retrieval") if m in wanted})
+            skipped.update({m: "no clip_path given" for m in ("clip_similarity", "retrieval", "clip_2way") if m in wanted})
         else:
             nets.clip = load_clip_image_encoder(cfg.clip_path, cfg.clip_weights).to(device)
     if "lpips" in wanted and nets.lpips is None:
@@ -232,7 +266,21 @@ def load_metric_networks(cfg: DictConfig, device: torch.device, metrics: list[st
         else:
             pool, logits = M.inception_feature_modules(cfg.fid_feature_weights)
             nets.fid_features, nets.fid_logits = pool.to(device), logits.to(device)
+    _load_feature_networks(cfg, device, wanted, skipped, nets)
     return nets
+
+
+def _load_feature_networks(cfg: DictConfig, device: torch.device, wanted: list[str], skipped: dict[str, str],
+                           nets: MetricNetworks) -> None:
+    from .recon import FEATURE_METRICS, FeatureNetwork
+
+    nets.features = dict(nets.features or {})
+    for metric in [m for m in wanted if m in FEATURE_METRICS and m not in nets.features]:
+        key = FEATURE_WEIGHTS[metric]
+        if cfg[key] is None:
+            skipped[metric] = f"no {key} given ({FEATURE_METRICS[metric].weights_file})"
+        else:
+            nets.features[metric] = FeatureNetwork(metric, cfg[key]).to(device)
 
 
 def _read_generation(folder: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
@@ -289,7 +337,8 @@ def score_folder(cfg: DictConfig, out_dir: Path, extra_networks: dict[str, Any],
     _check_classifier(cfg, nets)
     retrieval = _retrieval_inputs(cfg, records, images_dir.parent, skipped, nets)
     scorer = Scorer(cfg.metrics, nets, n_way=cfg.n_way, top_k=cfg.top_k, n_way_trials=cfg.n_way_trials,
-                    seed=cfg.seed, kid_subset_size=cfg.kid_subset_size, skipped=skipped)
+                    seed=cfg.seed, kid_subset_size=cfg.kid_subset_size, skipped=skipped,
+                    retrieval_ways=cfg.retrieval_ways, retrieval_top_ks=cfg.retrieval_top_ks)
     clip_from_originals = _score_images(scorer, folder, records, cfg, progress)
     if retrieval is not None:
         eeg, paths, ids = retrieval
@@ -432,6 +481,62 @@ def _fmt(summary: dict | None, key: str = "mean", percent: bool = False, digits:
     return text
 
 
+# Published zero-shot 200-way retrieval on THINGS-EEG2 (intra-subject, mean of the 10 subjects, the
+# 80 test repetitions averaged): (method, top-1, top-5).
+THINGS_PUBLISHED = (("NICE (Song et al., ICLR 2024)", 0.156, 0.428), ("UBP (CVPR 2025)", 0.509, 0.797))
+THINGS_NOT_TRANSCRIBED = "ATM (Li et al., NeurIPS 2024): not transcribed here (see its paper's table)"
+
+
+def _things_protocol(config: dict) -> str | None:
+    data = config.get("data", {})
+    if data.get("kind") != "things_eeg2":
+        return None
+    t = data["things_eeg2"]
+    if t.get("leave_out") is not None:
+        who = f"inter-subject: trained on the other subjects, tested on subject {t['leave_out']}"
+    elif data.get("subject") == 0:
+        who = "all subjects pooled (train and test)"
+    else:
+        who = f"intra-subject (subject {data.get('subject')})"
+    reps = "averaged" if t.get("average_repetitions_test") else "one trial per repetition"
+    return (f"THINGS-EEG2 zero-shot: {who}; test repetitions {reps}; candidates = the test split's distinct images "
+            f"(unseen concepts); image encoder: {config.get('clip_path')}")
+
+
+def _retrieval_section(report: dict) -> list[str]:
+    table = report["metrics"].get("retrieval_table")
+    if not table:
+        return []
+    ks = sorted({int(k[3:]) for row in table.values() for k in row})
+    lines = ["", "## EEG→image retrieval", "", "| n-way | " + " | ".join(f"top-{k}" for k in ks) + " | chance (top-1) |",
+             "|---|" + "---|" * (len(ks) + 1)]
+    for way, row in sorted(table.items(), key=lambda kv: int(kv[0].split("-")[0])):
+        cells = [_fmt(row.get(f"top{k}"), percent=True) for k in ks]
+        lines.append(f"| {way} | " + " | ".join(cells) + f" | {row['top1']['chance'] * 100:.1f}% |")
+    protocol = _things_protocol(report["config"])
+    if protocol:
+        lines += ["", protocol + ".", "", "Published 200-way zero-shot figures (top-1 / top-5, intra-subject, mean of "
+                  "10 subjects; real data - ours above are for this run's data):", ""]
+        lines += [f"- {name}: {t1 * 100:.1f}% / {t5 * 100:.1f}%" for name, t1, t5 in THINGS_PUBLISHED]
+        lines.append(f"- {THINGS_NOT_TRANSCRIBED}")
+    return lines
+
+
+def _recon_section(r: dict) -> list[str]:
+    from .recon import LOWER_IS_BETTER, RECON_METRICS
+
+    names = [m for m in RECON_METRICS if m in r]
+    if not names:
+        return []
+    lines = ["", "## Reconstruction metrics (the brain-to-image literature's)", "",
+             "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join(_fmt(r[m], percent=m.startswith(("alexnet", "inception", "clip_2way"))) for m in names) + " |",
+             "", "Two-way identification (alexnet2/5, inception, clip_2way; chance 50%) compares each generated image "
+             "with every ground truth of its sample slot; " + ", ".join(sorted(LOWER_IS_BETTER & set(names)) or ["–"])
+             + ": correlation distance, lower is better."]
+    return lines
+
+
 def results_markdown(report: dict) -> str:
     """The paper-style table, the protocol and the deviations, from a metrics.json dict."""
     p, r = report["protocol"], report["metrics"]
@@ -457,6 +562,7 @@ def results_markdown(report: dict) -> str:
     if "retrieval" in r:
         lines.append(f"EEG→image retrieval: {r['retrieval']['n_way']}-way among the split's distinct images, chance "
                      f"{r['retrieval']['chance'] * 100:.1f}% (the CLIP head's embedding vs CLIP image embeddings).")
+    lines += _retrieval_section(report) + _recon_section(r)
     if fid is not None:
         lines.append(f"FID/IS/KID over {fid['n_generated']} generated vs {fid['n_reference']} ground-truth images "
                      f"(KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f}); with few images these are strongly biased "
@@ -489,17 +595,29 @@ def run_stage3(cfg: DictConfig, extra_networks: dict[str, Any] | None = None) ->
     out_dir = Path(paths.output_dir)
     validate_inputs(paths)
     if paths.phase in ("generate", "all") and _is_launcher_rank_zero():
-        from .dataset import ImageNetEEGDataset
+        from .dataset import paired_dataset
 
         # the data's content is checked here, before anything is written (each process loads it again)
-        ImageNetEEGDataset.from_config(paths.data, split=paths.split)
+        paired_dataset(paths.data, paths.split)
     if _is_launcher_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
+    _runtime.clear()
     if paths.phase in ("generate", "all"):
         rank = run_generation(paths, out_dir, paths.progress_bar)
         if rank != 0:
             return None
     if paths.phase == "generate":
+        _write_runtime(out_dir)
         return json.loads((out_dir / "generation.json").read_text())
-    return score_folder(paths, out_dir, extra_networks or {}, paths.progress_bar)
+    started = time.perf_counter()
+    report = score_folder(paths, out_dir, extra_networks or {}, paths.progress_bar)
+    _runtime["score_seconds"] = round(time.perf_counter() - started, 2)
+    _write_runtime(out_dir)
+    return report
+
+
+def _write_runtime(out_dir: Path) -> None:
+    from .memory import GIB, peak_rss_bytes
+
+    atomic_write_json(out_dir / "runtime.json", {**_runtime, "peak_rss_gib": round(peak_rss_bytes() / GIB, 3)})

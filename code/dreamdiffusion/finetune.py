@@ -45,8 +45,10 @@ from .model import (
 from .training import (
     EpochMetricsCSV,
     EpochSeed,
+    RunStats,
     best_checkpoint,
     build_trainer,
+    check_resume_checkpoint,
     format_metric,
     last_checkpoint,
     output_paths,
@@ -80,6 +82,30 @@ class Stage2Module(pl.LightningModule):
         self.strict_loading = False
         if config["gradient_checkpointing"]:
             model.unet.enable_gradient_checkpointing()
+        self.memory_sample: dict[str, Any] | None = None  # one training item, for the start-up memory estimate
+        self.runtime: dict[str, Any] = {}
+
+    def on_fit_start(self) -> None:
+        """The computed peak memory of this run's training step, next to the device's memory, with the
+        settings to change when it will not fit (dreamdiffusion.memory)."""
+        from .memory import GIB, advice, device_memory, estimate
+
+        if self.memory_sample is None:
+            return
+        sample = {k: v[None].to(self.device) for k, v in self.memory_sample.items() if torch.is_tensor(v)}
+
+        def loss(n: int) -> torch.Tensor:
+            return self.model.training_losses({k: v.expand(n, *v.shape[1:]) for k, v in sample.items()})["loss"]
+
+        computed = estimate(self.model, loss, str(self.trainer.precision), bool(self.config["gradient_checkpointing"]))
+        per_device = self.config["batch_size"]
+        total, what = device_memory(self.device)
+        self.runtime["memory_estimate"] = {**computed.record((1, per_device, 4, 25)), "device_gib": round(total / GIB, 2)}
+        if self.trainer.is_global_zero:
+            print(f"stage 2 memory (computed): {computed.describe(per_device)}; {what} has {total / GIB:.1f} GiB")
+            warning = advice(computed, per_device, total)
+            if warning:
+                print(f"stage 2 memory: {warning}")
 
     # ---- what a checkpoint holds --------------------------------------------------------------
 
@@ -331,15 +357,17 @@ def build_model(cfg: DictConfig, encoder: torch.nn.Module | None = None,
     )
 
 
-def _check_model_fits_data(model: DreamDiffusion, cfg: DictConfig, n_channels: int) -> None:
+def _check_model_fits_data(model: DreamDiffusion, cfg: DictConfig, n_channels: int, n_times: int) -> None:
     if cfg.data.image_size % model.vae_scale_factor:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of the VAE's "
                           f"downsampling factor ({model.vae_scale_factor})")
     encoder_config = model.conditioner.encoder.config
-    if (encoder_config["n_channels"], encoder_config["n_times"]) != (n_channels, cfg.data.n_times):
+    if (encoder_config["n_channels"], encoder_config["n_times"]) != (n_channels, n_times):
+        adapt = ("data.n_times, the EEG file's channels" if cfg.data.kind == "imagenet_eeg"
+                 else "data.things_eeg2.n_channels / n_times adapt the EEG")
         raise ConfigError(
             f"the EEG encoder expects [{encoder_config['n_channels']}, {encoder_config['n_times']}] inputs but "
-            f"the data gives [{n_channels}, {cfg.data.n_times}] (data.n_times, the EEG file's channels)"
+            f"the data gives [{n_channels}, {n_times}] ({adapt})"
         )
 
 
@@ -347,7 +375,7 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     """Fine-tune as `cfg` (a `Stage2Config`) says; return the output folder. `model` replaces the
     one built from the config's files (for tests and notebooks)."""
     from .classifier import check_n_way
-    from .dataset import ImageNetEEGDataset
+    from .dataset import paired_dataset
 
     check_config(cfg)
     paths = resolved(cfg)
@@ -359,12 +387,12 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
         check_n_way(paths.classifier, paths.classifier_weights, cfg.n_way, where="stage 2's val top-1: ")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # the data (and its content checks) before the weights: a bad file stops the run in seconds
-    train_set = ImageNetEEGDataset.from_config(paths.data, "train", augment=True)
-    val_set = ImageNetEEGDataset.from_config(paths.data, "val", augment=False)
+    train_set = paired_dataset(paths.data, "train", augment=True)
+    val_set = paired_dataset(paths.data, "val", augment=False)
     model = model if model is not None else build_model(paths)
     if model.clip_encoder is not None:  # the CLIP input is the alignment target's own preprocessing
         train_set.clip_transform = val_set.clip_transform = model.clip_encoder.preprocess
-    _check_model_fits_data(model, paths, train_set.n_channels)
+    _check_model_fits_data(model, paths, train_set.n_channels, train_set.n_times)
 
     val_items = [val_set[i] for i in range(min(cfg.n_val_samples, len(val_set)))]
     module = Stage2Module(model, to_container(cfg), val_items, paths=to_container(paths))
@@ -373,7 +401,9 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     # fell 0.34 -> 0.30 in the demo), so selecting on it picks an arbitrary epoch.
     best = best_checkpoint(ckpt_dir, *(("val/top1", "max") if cfg.classifier else ("val/loss", "min")))
     training = {"config": to_container(cfg), "deviations": deviations(cfg)}
-    callbacks = [EpochSeed(cfg.seed), Stage2MetricsCSV(out_dir / "metrics.csv"),
+    if cfg.memory_check:
+        module.memory_sample = train_set[0]
+    callbacks = [EpochSeed(cfg.seed), Stage2MetricsCSV(out_dir / "metrics.csv"), RunStats(out_dir / "runtime.json"),
                  ExportModel(out_dir / "model", best, cfg.export, training), best, last_checkpoint(ckpt_dir)]
     trainer = build_trainer(cfg, out_dir, callbacks, check_val_every_n_epoch=cfg.val_every_n_epochs,
                             enable_model_summary=False)  # select_trainable's table says what trains
@@ -382,6 +412,8 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
         save_config(cfg, out_dir)
         atomic_write_text(out_dir / "trainable_parameters.txt", format_table(module.trainable_table) + "\n")
         _print_once(paths, module, len(train_set), len(val_set))
+    if cfg.resume:
+        check_resume_checkpoint(module, last, module.checkpoint_keys())
     # weights_only: our checkpoints hold tensors and plain data only, so nothing pickled is run on resume
     trainer.fit(module, train_dataloaders=_loader(paths, train_set, True), val_dataloaders=_loader(paths, val_set, False),
                 ckpt_path=str(last) if cfg.resume else None, weights_only=True)

@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 # The settings an image depends on; a resumed run must agree on each (or pass overwrite=true).
 GENERATION_SETTINGS = ("model", "class_oracle", "oracle_sd_path", "oracle_prompt", "shuffled_labels", "sampler",
                        "num_inference_steps", "eta", "guidance_scale", "null_condition", "seed",
-                       "num_images_per_eeg", "split", "data.subject", "data.split_index", "data.eeg_path",
-                       "data.splits_path", "max_trials", "batch_size", "precision", "save_images")
+                       "num_images_per_eeg", "split", "data.kind", "data.subject", "data.split_index", "data.eeg_path",
+                       "data.splits_path", "data.things_eeg2", "max_trials", "batch_size", "precision", "save_images")
 AUTHORS_SELECTION = ("chosen by the authors on the TEST split (best max-over-5-slots accuracy of the first "
                      "25 test trials; docs/method.md, \"Evaluation\") - not a held-out estimate")
 
@@ -213,12 +213,14 @@ def shuffled_references(labels: Sequence[int], seed: int) -> list[int]:
 
 def generation_settings(cfg: DictConfig) -> dict[str, Any]:
     """The values of GENERATION_SETTINGS (the effective number of steps for a null one)."""
+    from omegaconf import OmegaConf
+
     out = {}
     for key in GENERATION_SETTINGS:
         node: Any = cfg
         for part in key.split("."):
             node = node[part]
-        out[key] = node
+        out[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
     out["num_inference_steps"] = cfg.num_inference_steps or DEFAULT_STEPS[cfg.sampler]
     return out
 

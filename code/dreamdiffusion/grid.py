@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
@@ -81,7 +81,13 @@ class GridSpec:
 
 def _strict(schema: type, path: Path) -> Any:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's scanner / parser errors
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must be a mapping of {schema.__name__} keys, got a {type(loaded).__name__}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), loaded))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path} is not a valid {schema.__name__}: {str(err).splitlines()[0]}") from err
 
@@ -181,6 +187,7 @@ def plan(spec: GridSpec, rows: Sequence[RowSpec], context: dict[str, str] | None
         model = [f"model={out / 'stage2' / row.name / 'model'}"] if row.train else []
         files, overrides = _stage_args(spec.stage3, row.stage3, [*model, f"output_dir={out / 'stage3' / row.name}",
                                                                  *quiet["stage3"], *extra.get("stage3", [])], context)
+        STAGES["stage3"].build_config(files, overrides)  # a bad key or value is an error now, not after training
         runs.append(Run(f"stage3/{row.name}", "stage3", _as_args(files, overrides), out / "stage3" / row.name))
     return sorted(runs, key=lambda r: PHASES.index(r.phase))
 

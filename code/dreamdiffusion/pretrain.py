@@ -35,7 +35,9 @@ from .mae import PATCH_EMBED_INITS, MaskedEEGAutoencoder, build_mae, count_param
 from .training import (
     EpochMetricsCSV,
     EpochSeed,
+    RunStats,
     build_trainer,
+    check_resume_checkpoint,
     epoch_checkpoints,
     epoch_seed,
     format_metric,
@@ -321,7 +323,8 @@ def check_config(cfg: DictConfig) -> None:
     """Reject inconsistent stage-1 settings with a sentence naming the field."""
     enc = cfg.encoder
     checks = [
-        (0.0 <= cfg.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}"),
+        (0.0 < cfg.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {cfg.mask_ratio} (0 hides no patch: "
+                                     "the loss is over the hidden patches, so nothing would be learnt)"),
         (enc.patch_embed_init in PATCH_EMBED_INITS,
          f"encoder.patch_embed_init must be one of {PATCH_EMBED_INITS}, got {enc.patch_embed_init!r}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
@@ -390,6 +393,7 @@ def run_pretraining(cfg: DictConfig) -> Path:
                               cfg.n_figure_channels, cfg.seed),
         StopAfterEpochs(cfg.stop_after_epochs),
         ExportEncoder(out_dir / "eeg_encoder"),
+        RunStats(out_dir / "runtime.json"),
         last_checkpoint(ckpt_dir),
         *([epoch_checkpoints(ckpt_dir, cfg.checkpoint_every_n_epochs)] if cfg.checkpoint_every_n_epochs > 0 else []),
     ]
@@ -405,6 +409,8 @@ def run_pretraining(cfg: DictConfig) -> Path:
             train_set.write_skipped(out_dir / "skipped_files.txt")  # what the whole folder's scan skipped
         _print_once(paths, len(train_set), 0 if val_set is None else len(val_set))
     module = MAEPretrainModule(to_container(cfg))
+    if cfg.resume:
+        check_resume_checkpoint(module, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
     if trainer.is_global_zero:
         _write_summary(cfg, out_dir, module, trainer, len(train_set))

@@ -436,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from .dataset import ImageNetEEGDataset
 
     args = _parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _device(args.device)
     encoder = load_eeg_encoder(args.encoder)
     n_times = encoder.n_times if args.n_times is None else args.n_times

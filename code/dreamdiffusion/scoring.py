@@ -12,7 +12,11 @@ images, a copy of its folder and another method's folder are scored the same way
   - MSE / PCC / SSIM against the k = 0 image; LPIPS (torchmetrics); CLIP image similarity (the
     embedder's own preprocessing; the ground truth's original file when the caller gives it);
   - FID / IS / KID over all generated vs all ground-truth images;
-  - EEG->image retrieval when the caller adds the EEG-side embeddings (`add_retrieval`).
+  - the brain-to-image literature's reconstruction metrics (`recon`: PixCorr, grey SSIM, two-way
+    identification with AlexNet(2)/(5), Inception v3 and CLIP, EffNet-B1 / SwAV distances);
+  - EEG->image retrieval when the caller adds the EEG-side embeddings (`add_retrieval`): top-k for
+    each k of `retrieval_top_ks` at each n of `retrieval_ways` (exact expectations), the (n_way,
+    top_k) cell also reported as "retrieval".
 Each network goes through its library's preprocessing (`classifier.ImageClassifier.transform`,
 `clip_embedder.ImageEmbedder.preprocess`).
 """
@@ -31,15 +35,18 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from . import metrics as M
+from . import recon as R
 from .errors import ConfigError, DataError
 
 IMAGE_NAME = re.compile(r"test(\d+)-(\d+)\.png")
 PAIRWISE_METRICS = ("mse", "pcc", "ssim", "lpips", "clip_similarity")
-GENERATION_METRICS = ("n_way", *PAIRWISE_METRICS, "fid")
+GENERATION_METRICS = ("n_way", *PAIRWISE_METRICS, "fid", *R.RECON_METRICS)
 KNOWN_METRICS = (*GENERATION_METRICS, "retrieval")
-# What each metric needs besides the images.
-METRIC_NETWORKS = {"n_way": "classifier", "clip_similarity": "clip", "retrieval": "clip", "lpips": "lpips",
-                   "fid": "fid_features"}
+# What each metric needs besides the images (the feature metrics: their entry of `features`;
+# retrieval: the embeddings the caller adds).
+METRIC_NETWORKS = {"n_way": "classifier", "clip_similarity": "clip", "lpips": "lpips",
+                   "fid": "fid_features", "clip_2way": "clip"}
+LOWER_IS_BETTER = M.LOWER_IS_BETTER | R.LOWER_IS_BETTER
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +135,7 @@ class MetricNetworks:
     lpips: nn.Module | None = None  # metrics.LPIPS
     fid_features: nn.Module | None = None  # uint8 [N, 3, H, W] -> features (FID / KID)
     fid_logits: nn.Module | None = None  # uint8 [N, 3, H, W] -> logits (IS); default fid_features
+    features: dict[str, nn.Module] | None = None  # recon.FEATURE_METRICS name -> recon.FeatureNetwork
 
 
 def _uint8(images: Sequence[Image.Image]) -> np.ndarray:
@@ -143,7 +151,8 @@ class Scorer:
 
     def __init__(self, metrics: Sequence[str], nets: MetricNetworks, n_way: int = 50, top_k: int = 1,
                  n_way_trials: int | None = None, seed: int = 0, kid_subset_size: int = 50,
-                 skipped: dict[str, str] | None = None):
+                 skipped: dict[str, str] | None = None, retrieval_ways: Sequence[int] = (),
+                 retrieval_top_ks: Sequence[int] = ()):
         unknown = sorted(set(metrics) - set(KNOWN_METRICS))
         if unknown:
             raise ConfigError(f"unknown metric(s) {unknown}; known: {', '.join(KNOWN_METRICS)}")
@@ -151,11 +160,18 @@ class Scorer:
         for name in metrics:
             if name in METRIC_NETWORKS and getattr(nets, METRIC_NETWORKS[name]) is None and name not in self.skipped:
                 raise ConfigError(f"metric '{name}' was asked for but its network was not given")
+            if name in R.FEATURE_METRICS and name not in (nets.features or {}) and name not in self.skipped:
+                raise ConfigError(f"metric '{name}' was asked for but its network was not given")
         self.metrics = [m for m in metrics if m not in self.skipped]
         self.nets = nets
         self.n_way, self.top_k, self.n_way_trials = n_way, top_k, n_way_trials
         self.generator = torch.Generator().manual_seed(seed)  # only used by the sampled n-way estimate
-        self.scores: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics if m in GENERATION_METRICS and m != "fid"}
+        self.retrieval_ways = sorted(set(retrieval_ways) | {n_way})
+        self.retrieval_top_ks = sorted(set(retrieval_top_ks) | {top_k})
+        recon = [m for m in self.metrics if m in R.RECON_METRICS]
+        self.recon = R.ReconstructionScores(recon, self._recon_networks(recon)) if recon else None
+        self.scores: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics
+                                                    if m in GENERATION_METRICS and m != "fid" and m not in recon}
         if "n_way" in self.metrics:
             self.scores["top1_agreement"] = []
         self.reference_class: list[int] = []
@@ -163,6 +179,13 @@ class Scorer:
                              if "fid" in self.metrics else None)
         self.retrieval: dict[str, list] = {"eeg": [], "images": [], "ids": []}
         self.retrieval_scores: np.ndarray | None = None
+
+    def _recon_networks(self, recon: list[str]) -> dict[str, Any]:
+        networks: dict[str, Any] = {m: self.nets.features[m] for m in recon if m in R.FEATURE_METRICS}
+        if "clip_2way" in recon:
+            clip = self.nets.clip
+            networks["clip_2way"] = lambda a: clip.embed([Image.fromarray(x) for x in a]).float().cpu().numpy()
+        return networks
 
     @torch.no_grad()
     def add_trials(self, references: Sequence[Image.Image], generated: Sequence[Sequence[Image.Image]],
@@ -175,6 +198,8 @@ class Scorer:
         flat = [img for trial in generated for img in trial]
         for name, values in self._pairwise(references, flat, n_slots, clip_references).items():
             self.scores[name].append(values.reshape(len(references), n_slots))
+        if self.recon is not None:
+            self.recon.add(_uint8(references), _uint8(flat), n_slots)
         if self.distribution is not None:
             self.distribution.update(torch.from_numpy(_uint8(flat)).permute(0, 3, 1, 2).contiguous(), real=False)
             self.distribution.update(torch.from_numpy(_uint8(references)).permute(0, 3, 1, 2).contiguous(), real=True)
@@ -211,18 +236,33 @@ class Scorer:
         self.retrieval["ids"].extend(image_ids)
 
     def per_image(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(chunks) for name, chunks in self.scores.items() if chunks}
+        out = {name: np.concatenate(chunks) for name, chunks in self.scores.items() if chunks}
+        return {**out, **(self.recon.per_image() if self.recon is not None else {})}
 
     def compute(self, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name, values in self.per_image().items():
-            results[name] = M.summarize(values, n_bootstrap, seed, lower_is_better=name in M.LOWER_IS_BETTER)
+            results[name] = M.summarize(values, n_bootstrap, seed, lower_is_better=name in LOWER_IS_BETTER)
         if self.distribution is not None and self.distribution.n_fake:
             results["fid"] = self.distribution.compute()
         if "retrieval" in self.metrics and self.retrieval["ids"]:
-            acc, used = M.retrieval_accuracy(torch.cat(self.retrieval["eeg"]), torch.cat(self.retrieval["images"]),
-                                             self.retrieval["ids"], self.n_way, self.top_k)
-            self.retrieval_scores = acc  # per trial, for metrics.json
-            results["retrieval"] = {**M.summarize(acc, n_bootstrap, seed), "n_way": used,
-                                    "chance": min(self.top_k, used) / used}
+            results.update(self._retrieval(n_bootstrap, seed))
         return results
+
+    def _retrieval(self, n_bootstrap: int, seed: int) -> dict[str, Any]:
+        """"retrieval" (the n_way / top_k cell, per trial kept for metrics.json) and "retrieval_table"
+        ("<n>-way" -> "top<k>" -> summary) for each n up to the number of distinct images."""
+        eeg, images, ids = torch.cat(self.retrieval["eeg"]), torch.cat(self.retrieval["images"]), self.retrieval["ids"]
+        n_images = len(dict.fromkeys(ids))
+        table: dict[str, dict[str, Any]] = {}
+        for n in [w for w in self.retrieval_ways if w <= n_images] or [n_images]:
+            for k in [k for k in self.retrieval_top_ks if k < n]:
+                acc, used = M.retrieval_accuracy(eeg, images, ids, n, k)
+                summary = M.summarize(acc, n_bootstrap, seed)
+                table.setdefault(f"{used}-way", {})[f"top{k}"] = {
+                    "mean": summary["mean"], "mean_ci95": summary["mean_ci95"], "chance": k / used}
+        acc, used = M.retrieval_accuracy(eeg, images, ids, self.n_way, self.top_k)
+        self.retrieval_scores = acc
+        return {"retrieval": {**M.summarize(acc, n_bootstrap, seed), "n_way": used,
+                              "chance": min(self.top_k, used) / used, "n_images": n_images},
+                "retrieval_table": table}

@@ -401,8 +401,8 @@ def _open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except OSError as err:
-        raise DataError(f"image {path} could not be read: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any decoder error means the file is damaged
+        raise DataError(f"image {path} could not be read: {type(err).__name__}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +438,10 @@ class ThingsEEG2Dataset(Dataset):
         load_images: bool = True,
         clip_image_size: int = 224,
         clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        augment: bool = False,
+        crop_probability: float = 0.5,
+        crop_ratio: float = 0.2,
+        check_images: bool = True,
     ):
         if (n_channels is not None and n_channels < 1) or (n_times is not None and n_times < 2):
             raise ConfigError(f"need n_channels >= 1 and n_times >= 2 (or None), got {n_channels}, {n_times}")
@@ -453,8 +457,13 @@ class ThingsEEG2Dataset(Dataset):
         self.subjects = resolve_subjects(subject, self.eeg_dir)
         self.eeg, self.index = self._load_eeg(pick_channels)
         self.load_images = load_images
+        self.augment, self.crop_probability = augment, crop_probability
+        self.crop_size = image_size - int(crop_ratio * image_size)
+        self._check_eeg()
         if load_images:
             self._require_images()
+            if check_images:
+                self._decode_images()
             if clip_transform is None:
                 from .clip_embedder import ProcessorTransform
 
@@ -484,6 +493,34 @@ class ThingsEEG2Dataset(Dataset):
             index += [(s, i, r) for i in range(len(self.rows)) for r in range(n_reps)]
             del eeg, data  # the full file can be freed once this split's rows are copied
         return arrays, index
+
+    def _check_eeg(self) -> None:
+        """The content check of ImageNet-EEG's loader, here: finite values in every selected row."""
+        for s, data in enumerate(self.eeg):
+            if not np.isfinite(data).all():
+                bad = int(np.argwhere(~np.isfinite(data.reshape(len(data), -1)).all(axis=1))[0, 0])
+                raise DataError(f"THINGS-EEG2 subject {self.subjects[s]}: row {int(self.rows[bad])} of the "
+                                f"{self.partition} EEG holds NaN or Inf")
+
+    def _decode_images(self) -> None:
+        from .dataset import unreadable_images
+
+        paths = dict.fromkeys(self.metadata.image_path(self.image_dir, self.partition, int(r)) for r in self.rows)
+        broken = unreadable_images(paths)
+        if broken:
+            path, why = broken[0]
+            raise DataError(f"{len(broken)} image(s) of split '{self.split}' cannot be decoded, e.g. {path}: {why}")
+
+    @property
+    def labels(self) -> list[int]:
+        """The label of every item, in order (as ImageNetEEGDataset.labels)."""
+        concepts = self.metadata.concepts[self.partition]
+        return [self._labels[concepts[int(self.rows[row])]] for _, row, _ in self.index]
+
+    @property
+    def wnids(self) -> list[str]:
+        """Class id of each label (the concept folder names), as ImageNetEEGDataset.wnids."""
+        return list(self.concepts)
 
     @property
     def n_channels(self) -> int:
@@ -534,8 +571,13 @@ class ThingsEEG2Dataset(Dataset):
         if not self.average_repetitions:
             item["repetition"] = rep
         if self.load_images:
+            from .dataset import random_crop_resize
+
             original = _open_rgb(path)
-            item["image"] = _resize(_to_unit_range(original), self.image_size)
+            image = _resize(_to_unit_range(original), self.image_size)
+            if self.augment and float(torch.rand(1)) < self.crop_probability:
+                image = random_crop_resize(image, self.crop_size)
+            item["image"] = image
             item["clip_pixel_values"] = self.clip_transform(original)
         return item
 

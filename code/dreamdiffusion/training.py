@@ -8,6 +8,9 @@
   saves are atomic: the file is written in an fsspec transaction and moved into place); what a
   checkpoint holds is up to the LightningModule's `on_save_checkpoint`.
 - `EpochMetricsCSV`: one row per epoch in `metrics.csv`, resume-aware.
+- `RunStats`: `runtime.json` at the end: seconds per training step, peak memory (CUDA's max
+  allocated on a GPU, the process's peak RSS), and whatever the module adds (stage 2: its memory
+  estimate).
 - `write_run_summary`: `metrics.json` and `results.md` at the end of a run, with the deviations
   from the paper and the authors' code that apply to its config.
 """
@@ -25,11 +28,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .config import deviations, to_container
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .fidelity import markdown_section
 from .io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -152,6 +156,43 @@ class EpochMetricsCSV(pl.Callback):
             writer.writerows(self.rows)
 
 
+class RunStats(pl.Callback):
+    """`runtime.json`: seconds per training step (all steps of this run; the first includes warm-up),
+    peak memory, and `pl_module.runtime` (a dict the module may fill)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.steps: list[float] = []
+        self._t0 = 0.0
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.steps.append(time.perf_counter() - self._t0)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .memory import GIB, peak_rss_bytes
+
+        if not trainer.is_global_zero:
+            return
+        timed = self.steps[1:] or self.steps  # the first step carries one-off costs (allocation, compilation)
+        stats = {"steps": len(self.steps), "step_seconds": [round(t, 4) for t in self.steps[:50]],
+                 "seconds_per_step": round(sorted(timed)[len(timed) // 2], 4) if timed else None,
+                 "peak_rss_gib": round(peak_rss_bytes() / GIB, 3), "device": str(pl_module.device)}
+        if pl_module.device.type == "cuda":
+            stats["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(pl_module.device) / GIB, 3)
+        stats.update(getattr(pl_module, "runtime", {}))
+        atomic_write_json(self.path, stats)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
@@ -172,6 +213,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], 
     `callbacks` include the stage's ModelCheckpoints; `overrides` are the few trainer arguments a
     stage sets itself.
     """
+    check_trainer_settings(cfg)
     tcfg = cfg.trainer
     logger: Any = False
     if cfg.wandb.enabled:
@@ -202,7 +244,52 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[pl.Callback], 
         logger=logger,
         callbacks=callbacks,
     )
-    return pl.Trainer(**{**kwargs, **overrides})
+    try:
+        return pl.Trainer(**{**kwargs, **overrides})
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        raise ConfigError(f"invalid trainer settings (trainer.accelerator={tcfg.accelerator}, devices={tcfg.devices}, "
+                          f"num_nodes={tcfg.num_nodes}, strategy={tcfg.strategy}, precision={tcfg.precision}): "
+                          f"{str(err).splitlines()[0]}") from err
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """The `trainer` / `wandb` values Lightning would only reject mid-run (or with a traceback)."""
+    t = cfg.trainer
+    checks = [
+        (t.accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches must be >= 1, got {t.accumulate_grad_batches}"),
+        (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}"),
+        (t.num_workers >= 0, f"trainer.num_workers must be >= 0 (0 = load in the main process), got {t.num_workers}"),
+        (t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}"),
+        (not isinstance(t.devices, int) or t.devices >= 1 or t.devices == -1,
+         f"trainer.devices must be >= 1, -1 (all), a list of ids or \"auto\", got {t.devices}"),
+        (not cfg.wandb.enabled or cfg.wandb.mode in WANDB_MODES,
+         f"wandb.mode must be one of {', '.join(WANDB_MODES)}, got '{cfg.wandb.mode}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[str] | None = None) -> None:
+    """resume=true: `path` must hold this module's weights (`keys`, default all; same shapes), else a
+    sentence now instead of Lightning's wall of missing keys."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    except Exception as err:  # noqa: BLE001 - any decode failure means "not a checkpoint of ours"
+        raise CheckpointError(f"resume=true: {path} cannot be read as a Lightning checkpoint ({err})") from err
+    own = module.state_dict()
+    expected = set(own) if keys is None else keys
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    shapes = [k for k in expected & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"other shapes {sorted(shapes)[:3]}" if shapes else "") if part)
+        raise CheckpointError(f"resume=true: {path} was not written by this stage with these model sizes ({detail}); "
+                              "resume with the settings it was trained with, or use a new output_dir")
 
 
 def output_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:

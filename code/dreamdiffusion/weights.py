@@ -26,10 +26,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import is_offline_mode
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .io import atomic_write_json
 
 
@@ -128,10 +129,23 @@ def _url_download(w: Weight, root: Path) -> dict[str, dict]:
                      "verified": f"sha256 prefix {w.hash_prefix}" if w.hash_prefix else "not verified (recorded)"}}
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The download manifest (file -> size, sha256, source), {} when there is none yet."""
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete it and fetch again to rebuild it") from err
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} must be a JSON object (file -> record), got a {type(manifest).__name__}")
+    return manifest
+
+
 def check(keys: Sequence[str], root: Path) -> list[str]:
     """Print the state of each file; returns the keys with something missing or mismatched."""
     manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(manifest_path)
     bad = []
     for key in keys:
         w = WEIGHTS[key]
@@ -173,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"weights missing offline: {', '.join(bad)}")
         return 0
     manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(manifest_path)
     for key in keys:
         w = WEIGHTS[key]
         print(f"fetching {key}: {w.what}")
