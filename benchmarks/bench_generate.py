@@ -4,6 +4,9 @@
     python benchmarks/bench_generate.py --device cuda --out results/bench_generate_gpu.json
     # a CPU run at a small size
     python benchmarks/bench_generate.py --device cpu --image-size 64 --samplers plms:10 ddim:10 dpm++:10
+    # 512 px where a full run is too slow (the CPU): time 2 and 4 steps, project 250 / 25 linearly
+    python benchmarks/bench_generate.py --device cpu --num-images-per-eeg 1 --samplers \
+        --project plms:250 dpm++:25 --measure-steps 2 4
 
 The models are built from `--sd-config-dir` (SD1.5's configs by default) with random weights:
 speed does not depend on the weights. The EEG encoder is the paper's "large" one by default
@@ -50,6 +53,21 @@ def build(config_dir: str, image_size: int, encoder: str, device, dtype) -> Drea
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _projected(run, entry: str, measure: tuple[int, int], repeats: int, n_images: int) -> dict:
+    """Time `sampler` at two step counts; seconds = fixed + per_step x steps, projected to `steps`.
+    Each sampler's UNet calls are linear in the steps (PLMS: steps + 1), so two points fix the line."""
+    sampler, _, steps = entry.partition(":")
+    a, b = measure
+    ta, tb = (min(run(sampler, n) for _ in range(repeats)) for n in (a, b))
+    per_step = (tb - ta) / (b - a)
+    seconds = ta + per_step * (int(steps) - a)
+    return {"sampler": sampler, "steps": int(steps), "images": n_images, "projected": True,
+            "measured": {f"{a}_steps_s": round(ta, 3), f"{b}_steps_s": round(tb, 3)},
+            "seconds": round(seconds, 1), "seconds_per_image": round(seconds / n_images, 2),
+            "images_per_second": round(n_images / seconds, 6),
+            "seconds_per_step_per_image": round(per_step / n_images, 4)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +77,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--encoder", choices=sorted(ENCODERS), default="large")
     parser.add_argument("--n-trials", type=int, default=1, help="EEG trials per pipeline call")
     parser.add_argument("--num-images-per-eeg", type=int, default=5)
-    parser.add_argument("--samplers", nargs="+", default=["plms:250", "plms:50", "ddim:250", "ddim:50", "dpm++:25"],
+    parser.add_argument("--samplers", nargs="*", default=["plms:250", "plms:50", "ddim:250", "ddim:50", "dpm++:25"],
                         help="sampler:steps entries")
+    parser.add_argument("--project", nargs="*", default=[], metavar="SAMPLER:STEPS",
+                        help="entries not run in full: timed at --measure-steps and projected linearly (labelled)")
+    parser.add_argument("--measure-steps", type=int, nargs=2, default=(2, 4), metavar=("A", "B"))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the JSON here as well")
     args = parser.parse_args(argv)
@@ -95,6 +116,9 @@ def main(argv=None) -> dict:
                         "seconds_per_image": round(seconds / n_images, 4),
                         "images_per_second": round(n_images / seconds, 4),
                         "seconds_per_step_per_image": round(seconds / steps / n_images, 5)})
+        print(json.dumps(results[-1]), flush=True)
+    for entry in args.project:
+        results.append(_projected(run, entry, args.measure_steps, args.repeats, n_images))
         print(json.dumps(results[-1]), flush=True)
     report = {
         "benchmark": "DreamDiffusionPipeline generation (random weights)",

@@ -220,6 +220,11 @@ def test_a_changed_generation_setting_names_the_field(world, run_a, tmp_path, ca
     assert "num_inference_steps=2" in err and "overwrite=true" in err
     report = _run(world, out, "num_inference_steps=3", "overwrite=true", "max_trials=2")
     assert report["protocol"]["num_inference_steps"] == 3 and not (out / "images" / "test2-0.png").exists()
+    # a run that stopped before its first trial (only generation.json written) protects nothing
+    early = tmp_path / "stopped_early"
+    early.mkdir()
+    shutil.copyfile(run_a[0] / "generation.json", early / "generation.json")
+    assert _run(world, early, "num_inference_steps=3", "max_trials=1")["protocol"]["num_inference_steps"] == 3
 
 
 class _ColourNet(nn.Module):

@@ -32,3 +32,8 @@ def test_the_paths_are_the_config_defaults():
     assert WEIGHTS["classifier"].path == Stage3Config.classifier_weights
     assert WEIGHTS["sd15"].path == Stage2Config.sd_path == Stage3Config.oracle_sd_path
     assert WEIGHTS["clip"].path == Stage2Config.clip_path == Stage3Config.clip_path
+    from dreamdiffusion.recon import FEATURE_METRICS
+
+    # the reconstruction metrics' files carry the names recon.py expects
+    for key, metric in (("lpips", "alexnet2"), ("inception", "inception"), ("effnet", "effnet"), ("swav", "swav")):
+        assert WEIGHTS[key].path.endswith(FEATURE_METRICS[metric].weights_file)

@@ -137,17 +137,28 @@ def _string_list(value: Any, key: str, path: Any) -> list[str]:
     return list(value)
 
 
+def check_dict_file(loaded: Any, keys: Sequence[str], path: Any, what: str = "EEG file") -> None:
+    """A data file that must hold a dict with `keys`: a DataError naming the file and the key otherwise."""
+    if not isinstance(loaded, dict):
+        raise DataError(f"{what} {path} holds a {type(loaded).__name__}, expected a dict with keys {list(keys)}")
+    for key in keys:
+        if key not in loaded:
+            raise DataError(f"{what} {path} has no key '{key}' (keys present: {sorted(map(str, loaded))}; "
+                            f"expected {list(keys)})")
+
+
+def missing_images_error(missing: Sequence[Path], split: str, image_dir: Any, where: str) -> DataError:
+    """The error for the images of a split that are not there: how many, the first ten, where they go."""
+    shown = "\n  ".join(map(str, missing[:10]))
+    more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return DataError(f"{len(missing)} image(s) of split '{split}' not found under {image_dir} ({where}):\n  {shown}{more}")
+
+
 def load_eeg_file(path: str | os.PathLike) -> EEGFile:
     """Read and check `eeg_5_95_std.pth`: its keys, and every trial's keys, types and indices; a
     problem is a `DataError` naming the trial and the field."""
     loaded = _load_torch_file(path, "EEG file")
-    if not isinstance(loaded, dict):
-        raise DataError(f"EEG file {path} holds a {type(loaded).__name__}, expected a dict with keys "
-                        f"{list(EEG_FILE_KEYS)}")
-    for key in EEG_FILE_KEYS:
-        if key not in loaded:
-            raise DataError(f"EEG file {path} has no key '{key}' (keys present: {sorted(map(str, loaded))}; "
-                            f"expected {list(EEG_FILE_KEYS)})")
+    check_dict_file(loaded, EEG_FILE_KEYS, path)
     if not isinstance(loaded["dataset"], (list, tuple)):
         raise DataError(f"EEG file {path}: 'dataset' is a {type(loaded['dataset']).__name__}, expected a list of trials")
     trials = list(loaded["dataset"])
@@ -458,10 +469,8 @@ class ImageNetEEGDataset(Dataset):
     def _check_images(self, split: str, decode: bool) -> None:
         missing = self.missing_images()
         if missing:
-            shown = "\n  ".join(map(str, missing[:10]))
-            more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise DataError(f"{len(missing)} image(s) of split '{split}' not found under {self.image_dir} "
-                            f"({DATA_README} explains where the ImageNet images go):\n  {shown}{more}")
+            raise missing_images_error(missing, split, self.image_dir, f"{DATA_README} explains where the ImageNet "
+                                                                       "images go")
         if decode:
             broken = unreadable_images(dict.fromkeys(image_path(self.image_dir, n) for n in self.image_names))
             if broken:
@@ -528,6 +537,16 @@ class ImageNetEEGDataset(Dataset):
 
 
 DATA_KINDS = ("imagenet_eeg", "things_eeg2")
+
+
+def __getattr__(name: str) -> Any:
+    # ThingsEEG2Dataset lives in things_eeg2.py, which imports this module: `dataset.ThingsEEG2Dataset`
+    # resolves lazily so both datasets are reachable from here.
+    if name == "ThingsEEG2Dataset":
+        from .things_eeg2 import ThingsEEG2Dataset
+
+        return ThingsEEG2Dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def paired_dataset(cfg: Any, split: str, augment: bool = False, load_images: bool = True) -> Dataset:

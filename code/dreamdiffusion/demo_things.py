@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def run_demo_things(dirs: dict[str, Path], progress: bool = True) -> dict[str, A
     things = _things_world(dirs["datasets"].parent / "demo_things")
     timings["world"] = round(time.perf_counter() - started, 1)
     out = dirs["outputs"]
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own folder: every run starts afresh (about a minute)
     data = [f"data.image_dir={things['image_dir']}", f"data.things_eeg2.eeg_dir={things['eeg_dir']}"]
     bar = [] if progress else ["trainer.progress_bar=false"]
     t = time.perf_counter()
@@ -56,7 +58,7 @@ def run_demo_things(dirs: dict[str, Path], progress: bool = True) -> dict[str, A
     reports = {}
     for row, extra in (("full", []), ("shuffled_labels", ["shuffled_labels=true"])):
         t = time.perf_counter()
-        _stage("stage3", [CONFIGS / "demo/stage3.yaml", CONFIGS / "presets/things_eeg2.yaml",
+        _stage("stage3", [CONFIGS / "demo/stage3.yaml", CONFIGS / "presets/things_eeg2.yaml", CONFIGS / "presets/things_eeg2_native.yaml",
                           CONFIGS / "presets/things_eeg2_eval.yaml", CONFIGS / "demo/things/stage3.yaml"],
                data + extra + [f"output_dir={out / 'stage3' / row}", f"model={out / 'stage2' / 'model'}",
                                f"clip_path={world.clip_dir}", f"progress_bar={str(progress).lower()}"])
@@ -83,14 +85,18 @@ def write_things_results(results_dir: Path, reports: dict[str, dict], timings: d
              f"x {WORLD['n_test_reps']} repetitions (averaged); subject 1, 17 channels x 100 samples (the official "
              "layout), the encoder trained from scratch in stage 2. Exact n-way expectations; brackets: bootstrap "
              "95% intervals over test trials.", "",
-             "| Row | " + " | ".join(f"{w} top-1" for w in ways) + f" | {top_way} top-5 |",
-             "|---|" + "---|" * (len(ways) + 1)]
+             "| Row | candidate images | " + " | ".join(f"{w} top-1" for w in ways) + f" | {top_way} top-5 |",
+             "|---|---|" + "---|" * (len(ways) + 1)]
     for row, report in reports.items():
         table = report["metrics"]["retrieval_table"]
-        cells = [_cell(table.get(w, {}).get("top1")) for w in ways] + [_cell(table[top_way].get("top5"))]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        cells = [_cell(table.get(w, {}).get("top1")) for w in ways] + [_cell(table.get(top_way, {}).get("top5"))]
+        n_images = report["metrics"]["retrieval"]["n_images"]
+        lines.append(f"| {row} | {n_images} | " + " | ".join(cells) + " |")
     chance = [f"{full[w]['top1']['chance'] * 100:.1f}%" for w in ways] + [f"{full[top_way]['top5']['chance'] * 100:.1f}%"]
-    lines += ["| chance | " + " | ".join(chance) + " |", ""]
+    lines += ["| chance | | " + " | ".join(chance) + " |", "",
+              "The shuffled-labels control scores each test EEG against the image of another concept; its "
+              "candidates are the distinct images it was paired with, so an n-way larger than their number is "
+              "\"–\".", ""]
     recon = {m: v for m, v in reports["full"]["metrics"].items() if m in ("pixcorr", "ssim_gray", "clip_2way")}
     lines += ["Reconstruction metrics of the full row (mean over slots): " + ", ".join(
         f"{m} {v['mean']:.3f}" for m, v in recon.items()) + ". Skipped: " + "; ".join(

@@ -119,15 +119,9 @@ def validate_inputs(cfg: DictConfig) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{name}'") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA GPU is available (use device=auto or cpu)")
-    return device
+    from .memory import resolve_device
+
+    return resolve_device(name, "device")
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -311,6 +305,10 @@ def _retrieval_inputs(cfg: DictConfig, records, root: Path, skipped: dict[str, s
     if records is None or any(r.get("eeg_embedding") is None for r in records):
         skipped["retrieval"] = ("needs the model's EEG embeddings: this folder has no generation records "
                                 "with them (a folder of images only, or the class-name oracle)")
+        return None
+    n_images = len({r["reference_image"] for r in records})
+    if n_images < 2:
+        skipped["retrieval"] = f"needs trials of at least 2 distinct images; this run has {n_images}"
         return None
     clip_dim = nets.clip.projection_dim
     eeg = np.stack([np.load(root / "records" / r["eeg_embedding"]) for r in records])

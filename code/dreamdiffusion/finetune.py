@@ -453,9 +453,12 @@ def _write_summary(cfg: DictConfig, out_dir: Path, module: Stage2Module, trainer
 
 @rank_zero_only
 def _print_once(paths: DictConfig, module: Stage2Module, n_train: int, n_val: int) -> None:
+    data = paths.data
+    where = (f"ImageNet-EEG subject {data.subject}, split {data.split_index}" if data.kind == "imagenet_eeg" else
+             f"THINGS-EEG2 subject {data.subject or 'all'}" + (f", leaving out {data.things_eeg2.leave_out}"
+                                                               if data.things_eeg2.leave_out is not None else ""))
     print(
-        f"stage 2: {n_train} training / {n_val} val trials (subject {paths.data.subject}, split "
-        f"{paths.data.split_index}); best checkpoint by {'val top-1' if paths.classifier else 'val loss'}; "
+        f"stage 2: {n_train} training / {n_val} val trials ({where}); best checkpoint by {'val top-1' if paths.classifier else 'val loss'}; "
         f"fidelity {paths.fidelity} (trainable set: {paths.trainable}); output {paths.output_dir}"
         + (" (resuming from checkpoints/last.ckpt)" if paths.resume else "")
     )

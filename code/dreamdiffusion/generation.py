@@ -235,7 +235,9 @@ def prepare_output(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
     except (json.JSONDecodeError, KeyError) as err:
         raise DataError(f"{header} is damaged ({err}); delete {out_dir} or pass overwrite=true") from err
     changed = [k for k in settings if earlier.get(k) != settings[k]]
-    if changed and not overwrite:
+    # A run that stopped before its first trial (a bad input found after the settings were written)
+    # left nothing to protect: its settings are simply replaced.
+    if changed and not overwrite and done_trials(out_dir):
         k = changed[0]
         raise ConfigError(f"{out_dir} holds images generated with {k}={earlier.get(k)!r}, not {settings[k]!r}: use "
                           "another output_dir, the same settings to resume, or overwrite=true to start again")

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, per trainable parameter
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -135,3 +137,17 @@ def advice(estimate: MemoryEstimate, batch: int, device_bytes: int) -> str | Non
     steps.append(f"batch_size={fits} with trainer.accumulate_grad_batches={-(-batch // max(fits, 1))}"
                  if fits >= 1 else "a device with more memory: not even one sample fits")
     return "it will not fit; change " + ", or ".join(steps)
+
+
+def resolve_device(name: str, what: str = "device") -> torch.device:
+    """`auto` (a GPU when there is one), `cpu`, `cuda`, `cuda:N`; a ConfigError naming `what` otherwise,
+    or when a GPU is asked for and torch sees none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N, got '{name}'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}={name} but no CUDA GPU is available (use auto or cpu)")
+    return device

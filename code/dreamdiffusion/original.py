@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from .errors import CheckpointError
-from .io import atomic_path, atomic_torch_save, safe_torch_load
+from .io import atomic_path, atomic_torch_save, pickled_attrs, safe_torch_load
 
 # ---------------------------------------------------------------------------------------------
 # The CompVis / LDM layout of Stable Diffusion
@@ -264,15 +264,6 @@ def pop_scale_factor(state_dict: dict[str, torch.Tensor]) -> float | None:
         return float(torch.as_tensor(value).reshape(()))
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"the checkpoint's '{SCALE_FACTOR_KEY}' is not a number: {value!r}") from err
-
-
-def pickled_attrs(obj: Any) -> dict[str, Any]:
-    """The attributes of a pickled config object (a `PickledObject` or anything with __dict__)."""
-    if obj is None:
-        return {}
-    if isinstance(obj, dict):
-        return dict(obj)
-    return dict(getattr(obj, "__dict__", {}))
 
 
 @contextlib.contextmanager

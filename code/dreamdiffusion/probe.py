@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import ConfigError, DataError, run_cli
 from .io import atomic_write_json, atomic_write_text
 from .mae import EEGEncoder, build_encoder, load_eeg_encoder
+from .memory import resolve_device
 
 # Inverse L2 strengths tried by the linear probe: a decade grid wide enough for ~1000 standardised
 # features and ~1000 training trials (the optimum on ImageNet-EEG sits well inside it).
@@ -421,16 +422,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r} is not a torch device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for, but torch sees no CUDA device")
-    return device
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The command: load the encoder and the three splits, probe, write probe.json/.md, print the table."""
     from .dataset import ImageNetEEGDataset
@@ -438,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")
     encoder = load_eeg_encoder(args.encoder)
     n_times = encoder.n_times if args.n_times is None else args.n_times
     if n_times != encoder.n_times:

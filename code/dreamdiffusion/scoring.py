@@ -255,7 +255,9 @@ class Scorer:
         eeg, images, ids = torch.cat(self.retrieval["eeg"]), torch.cat(self.retrieval["images"]), self.retrieval["ids"]
         n_images = len(dict.fromkeys(ids))
         table: dict[str, dict[str, Any]] = {}
-        for n in [w for w in self.retrieval_ways if w <= n_images] or [n_images]:
+        # every asked-for n that this many images allow, and the headline's n (all candidates when fewer)
+        ways = sorted({w for w in self.retrieval_ways if w <= n_images} | {min(self.n_way, n_images)})
+        for n in ways:
             for k in [k for k in self.retrieval_top_ks if k < n]:
                 acc, used = M.retrieval_accuracy(eeg, images, ids, n, k)
                 summary = M.summarize(acc, n_bootstrap, seed)

@@ -54,7 +54,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset import DATA_README, _resize, _to_unit_range, resample_linear
+from .dataset import (
+    DATA_README,
+    _resize,
+    _to_unit_range,
+    check_dict_file,
+    missing_images_error,
+    resample_linear,
+)
 from .errors import ConfigError, DataError, run_cli
 from .io import atomic_path
 from .synthetic import (
@@ -308,13 +315,7 @@ def load_eeg_file(eeg_dir: str | os.PathLike, subject: int, partition: str) -> E
         raise DataError(f"subject folder not found: {folder} (present: {present or 'none'}; {WHERE})")
     path = folder / EEG_FILES[partition]
     loaded = load_pickled_npy(path, f"THINGS-EEG2 {partition} EEG file")
-    if not isinstance(loaded, dict):
-        raise DataError(f"EEG file {path} holds a {type(loaded).__name__}, expected a dict with keys "
-                        f"{list(EEG_KEYS)}")
-    for key in EEG_KEYS:
-        if key not in loaded:
-            raise DataError(f"EEG file {path} has no key '{key}' (keys present: {sorted(map(str, loaded))}; "
-                            f"expected {list(EEG_KEYS)})")
+    check_dict_file(loaded, EEG_KEYS, path)
     data = loaded["preprocessed_eeg_data"]
     if not isinstance(data, np.ndarray) or data.ndim != 4 or not np.issubdtype(data.dtype, np.number):
         found = f"{getattr(data, 'shape', type(data).__name__)} {getattr(data, 'dtype', '')}"
@@ -543,10 +544,8 @@ class ThingsEEG2Dataset(Dataset):
     def _require_images(self) -> None:
         missing = self.missing_images()
         if missing:
-            shown = "\n  ".join(map(str, missing[:10]))
-            more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise DataError(f"{len(missing)} image(s) of split '{self.split}' not found under {self.image_dir} "
-                            f"({WHERE}; load_images=False loads the EEG alone):\n  {shown}{more}")
+            raise missing_images_error(missing, self.split, self.image_dir,
+                                       f"{WHERE}; load_images=False loads the EEG alone")
 
     def __len__(self) -> int:
         return len(self.index)

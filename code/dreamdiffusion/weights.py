@@ -65,6 +65,16 @@ WEIGHTS = {
                "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth",
                what="FID Inception (torch-fidelity's inception-v3-compat; needs `pip install torch-fidelity`)"),
+        # the reconstruction metrics of dreamdiffusion.recon (THINGS-EEG2; alexnet2/5 use the `lpips` file)
+        Weight("inception", "pretrains/metrics/inception_v3_google-0cc3c7bd.pth",
+               "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", hash_prefix="0cc3c7bd",
+               what="torchvision Inception v3 (two-way identification, stage 3 inception_weights; optional)"),
+        Weight("effnet", "pretrains/metrics/efficientnet_b1_rwightman-bac287d4.pth",
+               "https://download.pytorch.org/models/efficientnet_b1_rwightman-bac287d4.pth", hash_prefix="bac287d4",
+               what="torchvision EfficientNet-B1 (EffNet distance, stage 3 effnet_weights; optional)"),
+        Weight("swav", "pretrains/metrics/swav_800ep_pretrain.pth.tar",
+               "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
+               what="SwAV ResNet-50 (SwAV distance, stage 3 swav_weights; optional; SHA-256 recorded only)"),
     )
 }
 MANIFEST = "pretrains/manifest.json"
