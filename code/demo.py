@@ -1,6 +1,6 @@
 """`make demo`: the whole method end to end on the CPU, on a synthetic world where the answer is known.
 
-    python code/demo.py            # ~15 min on 2 CPU cores: builds the world once, then the demo's grid
+    python code/demo.py            # ~9 min on 2 CPU cores: builds the world once, then the demo's grid
     python code/demo.py --quick    # a much smaller world and runs (the test in `make test`)
 
 What it builds and runs, and what it writes: dreamdiffusion/demo.py and the README's demo section.

@@ -18,16 +18,29 @@ def _images(n, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_pixcorr_and_grey_ssim_match_a_direct_computation():
+def _mindeye_view(images, size):
+    """MindEye's notebook: float images in [0, 1], Resize((256, 256)) then Resize(size), with the
+    transforms classes (not the functional calls recon.py uses)."""
+    from torchvision import transforms
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = transforms.Resize((256, 256), antialias=True)(x)
+    return transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)(x)
+
+
+def test_pixcorr_and_grey_ssim_follow_mindeyes_computation():
     gen, ref = _images(3, seed=1), _images(3, seed=2)
     ref[0] = gen[0]  # one identical pair
-    up = lambda a: np.asarray(Image.fromarray(a).resize((425, 425), Image.BILINEAR), np.float64) / 255  # noqa: E731
-    want_corr = [np.corrcoef(up(g).ravel(), up(r).ravel())[0, 1] for g, r in zip(gen, ref)]
-    assert R.pixcorr(gen, ref) == pytest.approx(want_corr)
-    assert R.pixcorr(gen, ref)[0] == pytest.approx(1.0)
-    want_ssim = [structural_similarity(rgb2gray(up(g)), rgb2gray(up(r)), gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False, data_range=1.0) for g, r in zip(gen, ref)]
-    assert R.ssim_gray(gen, ref) == pytest.approx(want_ssim)
+    g, r = _mindeye_view(gen, 425), _mindeye_view(ref, 425)
+    want_corr = [np.corrcoef(a.reshape(-1).numpy(), b.reshape(-1).numpy())[0, 1] for a, b in zip(g, r)]
+    base_gen, base_ref = R.to_base(gen), R.to_base(ref)
+    assert R.pixcorr(base_gen, base_ref) == pytest.approx(want_corr, abs=1e-6)
+    assert R.pixcorr(base_gen, base_ref)[0] == pytest.approx(1.0)
+    # MindEye: ssim(rec, im, multichannel=True, ...) on 2-D grey images = columns as channels
+    gray = lambda x: rgb2gray(x.permute(0, 2, 3, 1).double().numpy())  # noqa: E731
+    want_ssim = [structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False, data_range=1.0) for a, b in zip(gray(g), gray(r))]
+    assert R.ssim_gray(base_gen, base_ref) == pytest.approx(want_ssim, abs=1e-6)
 
 
 def _mindeye_two_way(reals, preds):
@@ -46,16 +59,25 @@ def test_two_way_identification_and_correlation_distance_match_numpy_and_scipy()
     assert R.correlation_distance(reals, preds) == pytest.approx([correlation(a, b) for a, b in zip(reals, preds)])
 
 
+def test_trials_of_the_same_image_are_not_compared_with_their_own_copy():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(4, 30))
+    trials = np.repeat(np.arange(4), 2)  # every image shown twice
+    preds = images[trials] + 0.01 * rng.normal(size=(8, 30))  # near-perfect generations
+    # MindEye's formula over the 8 trials counts the copy as a tie that fails: 6 / 7
+    assert _mindeye_two_way(images[trials], preds) == pytest.approx([6 / 7] * 8)
+    assert R.two_way_identification(images, preds, own=trials).tolist() == [1.0] * 8
+
+
 def test_feature_networks_load_torchvision_files_strictly(tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.alexnet(weights=None)
     torch.save(net.state_dict(), tmp_path / "alexnet.pth")
     layer2 = R.FeatureNetwork("alexnet2", tmp_path / "alexnet.pth")
     images = _images(2, size=64)
-    feats = layer2(images)
-    # independent: torchvision's own module up to features.4 on the same preprocessing
-    x = torchvision.transforms.v2.functional.resize(torch.from_numpy(images).permute(0, 3, 1, 2), 256,
-                                                    antialias=True).float() / 255
+    feats = layer2(R.to_base(images))
+    # independent: torchvision's own module up to features.4 on MindEye's preprocessing
+    x = _mindeye_view(images, 256)
     x = (x - torch.tensor(R.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(R.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         want = net.eval().features[:5](x).flatten(1).numpy()
@@ -73,7 +95,7 @@ def test_swav_release_keys_are_mapped_and_checked(tmp_path):
     state["module.projection_head.0.weight"] = torch.zeros(2, 2)
     torch.save(state, tmp_path / "swav.pth.tar")
     net = R.FeatureNetwork("swav", tmp_path / "swav.pth.tar")
-    assert net(_images(1, size=64)).shape == (1, 2048)
+    assert net(R.to_base(_images(1, size=64))).shape == (1, 2048)
     del state["module.conv1.weight"]
     torch.save(state, tmp_path / "broken.pth.tar")
     with pytest.raises(CheckpointError, match="not a SwAV ResNet-50"):
@@ -81,9 +103,8 @@ def test_swav_release_keys_are_mapped_and_checked(tmp_path):
 
 
 class _Mean(torch.nn.Module):
-    def forward(self, images):  # uint8 [N, H, W, 3] -> per-channel mean and a coarse 2x2 layout
-        x = torch.from_numpy(images).float().permute(0, 3, 1, 2)
-        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).numpy()
+    def forward(self, images):  # float [N, 3, 256, 256] -> per-channel means of a coarse 2x2 layout
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1).numpy()
 
 
 def test_scorer_reports_recon_metrics_per_slot():
@@ -96,9 +117,18 @@ def test_scorer_reports_recon_metrics_per_slot():
     assert res["alexnet2"]["per_slot"][0] == pytest.approx(1.0)  # identical images identify themselves
     assert res["pixcorr"]["per_slot"][0] == pytest.approx(1.0)
     assert res["effnet"]["per_slot"][0] == pytest.approx(0.0, abs=1e-6) and res["effnet"]["lower_is_better"]
-    ref_feats = _Mean()(np.stack([np.asarray(r) for r in refs]))
-    gen_feats = _Mean()(np.stack([np.asarray(g[1]) for g in gens]))
-    assert res["alexnet2"]["per_slot"][1] == pytest.approx(_mindeye_two_way(ref_feats, gen_feats).mean(), abs=1e-3)
+    ref_feats = _Mean()(R.to_base(np.stack([np.asarray(r) for r in refs])))
+    gen_feats = _Mean()(R.to_base(np.stack([np.asarray(g[1]) for g in gens])))
+    assert res["alexnet2"]["per_slot"][1] == pytest.approx(_mindeye_two_way(ref_feats, gen_feats).mean(), abs=1e-6)
+
+
+def test_one_distinct_image_skips_two_way_with_the_reason():
+    refs = [Image.fromarray(a) for a in _images(2, seed=5)]
+    scorer = Scorer(["alexnet2", "pixcorr"], MetricNetworks(features={"alexnet2": _Mean()}))
+    scorer.add_trials(refs, [[r] for r in refs], ids=["same image", "same image"])
+    res = scorer.compute(n_bootstrap=5)
+    assert "alexnet2" not in res and "pixcorr" in res
+    assert "at least 2 distinct images" in scorer.late_skipped["alexnet2"]
 
 
 def test_retrieval_table_holds_every_way_up_to_the_number_of_images():

@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import is_offline_mode
@@ -173,6 +174,14 @@ def classifier_classes(spec: str, weights: str | os.PathLike | None = None) -> i
         if weights_path is None and is_offline_mode():
             raise CheckpointError(f"classifier '{spec}' needs a local weights file in offline mode")
         return None
+    meta = _folder_meta(spec)
+    if meta.get("class_names"):
+        return len(meta["class_names"])
+    return (meta.get("kwargs") or {}).get("num_classes")
+
+
+def _folder_meta(spec: str) -> dict[str, Any]:
+    """classifier.json of a local classifier folder, checked to be a JSON object."""
     meta_path = Path(spec) / "classifier.json"
     if not meta_path.is_file():
         raise ConfigError(f"classifier '{spec}' is neither 'torchvision:<name>', 'timm:<name>' nor a folder "
@@ -183,9 +192,7 @@ def classifier_classes(spec: str, weights: str | os.PathLike | None = None) -> i
         raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise ConfigError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
-    if meta.get("class_names"):
-        return len(meta["class_names"])
-    return (meta.get("kwargs") or {}).get("num_classes")
+    return meta
 
 
 def check_n_way(spec: str, weights: str | os.PathLike | None, n_way: int, top_k: int = 1, where: str = "") -> None:
@@ -204,16 +211,9 @@ def load_classifier(spec: str, weights: str | os.PathLike | None = None) -> Imag
     if spec.startswith("timm:"):
         return _timm_classifier(spec.split(":", 1)[1], weights_path, spec=spec)
     folder = Path(spec)
-    meta_path = folder / "classifier.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"classifier '{spec}' is neither 'torchvision:<name>', 'timm:<name>' nor a folder "
-                          "holding classifier.json + model.safetensors")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("library") != "timm" or "name" not in meta:
-        raise ConfigError(f"{meta_path} must say {{\"library\": \"timm\", \"name\": ...}}, got {meta}")
+    meta = _folder_meta(spec)
+    if meta.get("library") != "timm" or "name" not in meta:
+        raise ConfigError(f"{folder / 'classifier.json'} must say {{\"library\": \"timm\", \"name\": ...}}, got {meta}")
     return _timm_classifier(meta["name"], weights_path or folder / "model.safetensors", meta.get("kwargs"),
                             meta.get("image_size"), meta.get("mean"), meta.get("std"),
                             meta.get("class_names"), spec=str(folder))

@@ -393,7 +393,7 @@ class Stage3Config:
     retrieval_top_ks: list[int] = field(default_factory=lambda: [1, 5])
     # The reconstruction metrics of the brain-to-image literature (dreamdiffusion.recon), each from
     # torchvision's weights file: alexnet2/alexnet5 (alexnet-owt-7be5be79.pth, the LPIPS file too),
-    # inception (inception_v3_google-0cc3c7bd.pth), effnet (efficientnet_b1_rwightman-bac287d4.pth),
+    # inception (inception_v3_google-0cc3c7bd.pth), effnet (efficientnet_b1-c27df63c.pth),
     # swav (the SwAV release's swav_800ep_pretrain.pth.tar). Unset = that metric is skipped.
     alexnet_weights: str | None = path_field(None)
     inception_weights: str | None = path_field(None)

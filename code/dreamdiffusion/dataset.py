@@ -527,13 +527,19 @@ class ImageNetEEGDataset(Dataset):
             "subject": self.subjects[i],
         }
         if self.image_dir is not None:
-            original = _open_rgb(self.image_path(i))
-            image = _resize(_to_unit_range(original), self.image_size)
-            if self.augment and float(torch.rand(1)) < self.crop_probability:
-                image = random_crop_resize(image, self.crop_size)
-            item["image"] = image
-            item["clip_pixel_values"] = self.clip_transform(original)
+            item.update(image_fields(_open_rgb(self.image_path(i)), self.image_size, self.clip_transform,
+                                     self.augment, self.crop_probability, self.crop_size))
         return item
+
+
+def image_fields(original: Image.Image, image_size: int, clip_transform: Callable, augment: bool,
+                 crop_probability: float, crop_size: int) -> dict[str, torch.Tensor]:
+    """`image` (RGB in [-1, 1] at image_size, the train-time random crop when `augment`) and
+    `clip_pixel_values` (CLIP's input from the un-augmented original) of a paired item."""
+    image = _resize(_to_unit_range(original), image_size)
+    if augment and float(torch.rand(1)) < crop_probability:
+        image = random_crop_resize(image, crop_size)
+    return {"image": image, "clip_pixel_values": clip_transform(original)}
 
 
 DATA_KINDS = ("imagenet_eeg", "things_eeg2")

@@ -1,6 +1,6 @@
 """`make demo` (code/demo.py): the whole method end to end on the CPU, on a synthetic world where the answer is known.
 
-    python code/demo.py            # ~15 min on 2 CPU cores: builds the world once, then the demo's grid
+    python code/demo.py            # ~9 min on 2 CPU cores: builds the world once, then the demo's grid
     python code/demo.py --quick    # a much smaller world and runs (the test in `make test`)
     python code/demo.py --things   # `make demo-things`: stages 2-3 on a synthetic THINGS-EEG2 (demo_things.py)
 

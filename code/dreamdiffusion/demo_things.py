@@ -47,7 +47,8 @@ def run_demo_things(dirs: dict[str, Path], progress: bool = True) -> dict[str, A
     things = _things_world(dirs["datasets"].parent / "demo_things")
     timings["world"] = round(time.perf_counter() - started, 1)
     out = dirs["outputs"]
-    shutil.rmtree(out, ignore_errors=True)  # the demo's own folder: every run starts afresh (about a minute)
+    for stage in ("stage2", "stage3"):  # the demo's own runs: every run starts afresh (about a minute)
+        shutil.rmtree(out / stage, ignore_errors=True)
     data = [f"data.image_dir={things['image_dir']}", f"data.things_eeg2.eeg_dir={things['eeg_dir']}"]
     bar = [] if progress else ["trainer.progress_bar=false"]
     t = time.perf_counter()

@@ -111,7 +111,7 @@ def validate_inputs(cfg: DictConfig) -> None:
     metrics = set(cfg.metrics)
     if "n_way" in metrics:
         check_n_way(cfg.classifier, cfg.classifier_weights, cfg.n_way, cfg.top_k)
-    if metrics & {"clip_similarity", "retrieval"} and cfg.clip_path and not str(cfg.clip_path).startswith(OPEN_CLIP_PREFIX):
+    if metrics & {"clip_similarity", "retrieval", "clip_2way"} and cfg.clip_path and not str(cfg.clip_path).startswith(OPEN_CLIP_PREFIX):
         check_clip_path(cfg.clip_path)
     for metric, key in (("lpips", "lpips_weights"), ("fid", "fid_feature_weights"), *FEATURE_WEIGHTS.items()):
         if metric in metrics and cfg[key] is not None and not Path(cfg[key]).is_file():
@@ -342,6 +342,7 @@ def score_folder(cfg: DictConfig, out_dir: Path, extra_networks: dict[str, Any],
         eeg, paths, ids = retrieval
         scorer.add_retrieval(eeg, nets.clip.embed([load_rgb(p) for p in paths]), ids)
     results = scorer.compute(cfg.bootstrap_samples, cfg.seed)
+    skipped.update(scorer.late_skipped)
     n_trials = folder.n_trials if folder is not None else len(records)
     report = _report(cfg, header, records, folder, scorer, results, skipped, n_trials, clip_from_originals)
     atomic_write_json(out_dir / "metrics.json", report)
@@ -364,7 +365,8 @@ def _score_images(scorer: Scorer, folder, records, cfg: DictConfig, progress: bo
         refs = [load_rgb(folder.path(i, 0)) for i in trials]
         gens = [[load_rgb(folder.path(i, k)) for k in range(1, folder.n_slots + 1)] for i in trials]
         clip_refs = [load_rgb(records[i]["reference_path"]) for i in trials] if originals else None
-        scorer.add_trials(refs, gens, clip_refs)
+        ids = [records[i]["reference_image"] for i in trials] if records is not None else None
+        scorer.add_trials(refs, gens, clip_refs, ids)
         bar.update(len(trials))
     bar.close()
     return originals
@@ -411,9 +413,12 @@ def _protocol(cfg: DictConfig, header: dict | None, folder, n_trials: int, clip_
     if header:
         protocol.update({k: header[k] for k in ("model", "checkpoint_selection", "latent_scale", "image_size",
                                                 "precision", "device", "versions") if k in header})
-        protocol.update({"split": f"{settings.get('split')} (split_index {settings.get('data.split_index')} of "
-                                  f"{settings.get('data.splits_path')})", "subject": settings.get("data.subject"),
-                         "eeg_path": settings.get("data.eeg_path"), "sampler": settings.get("sampler"),
+        things = settings.get("data.kind") == "things_eeg2"
+        split = (f"{settings.get('split')} of THINGS-EEG2 ({settings['data.things_eeg2']['eeg_dir']})" if things else
+                 f"{settings.get('split')} (split_index {settings.get('data.split_index')} of "
+                 f"{settings.get('data.splits_path')})")
+        protocol.update({"split": split, "subject": settings.get("data.subject"),
+                         "eeg_path": None if things else settings.get("data.eeg_path"), "sampler": settings.get("sampler"),
                          "num_inference_steps": settings.get("num_inference_steps"), "eta": settings.get("eta"),
                          "guidance_scale": settings.get("guidance_scale"), "seed": settings.get("seed"),
                          "seeding": "trial i: torch.Generator().manual_seed(seed + i) -> one CPU seed per sample slot"})
@@ -618,4 +623,10 @@ def run_stage3(cfg: DictConfig, extra_networks: dict[str, Any] | None = None) ->
 def _write_runtime(out_dir: Path) -> None:
     from .memory import GIB, peak_rss_bytes
 
-    atomic_write_json(out_dir / "runtime.json", {**_runtime, "peak_rss_gib": round(peak_rss_bytes() / GIB, 3)})
+    path = out_dir / "runtime.json"
+    try:  # a score-only run keeps the generate phase's figures
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        earlier = {}
+    peak = max(round(peak_rss_bytes() / GIB, 3), earlier.get("peak_rss_gib", 0))  # over the phases run here
+    atomic_write_json(path, {**earlier, **_runtime, "peak_rss_gib": peak})

@@ -407,13 +407,13 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
                  ExportModel(out_dir / "model", best, cfg.export, training), best, last_checkpoint(ckpt_dir)]
     trainer = build_trainer(cfg, out_dir, callbacks, check_val_every_n_epoch=cfg.val_every_n_epochs,
                             enable_model_summary=False)  # select_trainable's table says what trains
+    if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
+        check_resume_checkpoint(module, last, module.checkpoint_keys())
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
         atomic_write_text(out_dir / "trainable_parameters.txt", format_table(module.trainable_table) + "\n")
         _print_once(paths, module, len(train_set), len(val_set))
-    if cfg.resume:
-        check_resume_checkpoint(module, last, module.checkpoint_keys())
     # weights_only: our checkpoints hold tensors and plain data only, so nothing pickled is run on resume
     trainer.fit(module, train_dataloaders=_loader(paths, train_set, True), val_dataloaders=_loader(paths, val_set, False),
                 ckpt_path=str(last) if cfg.resume else None, weights_only=True)

@@ -222,6 +222,13 @@ def generation_settings(cfg: DictConfig) -> dict[str, Any]:
             node = node[part]
         out[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
     out["num_inference_steps"] = cfg.num_inference_steps or DEFAULT_STEPS[cfg.sampler]
+    # THINGS-EEG2's block only when it is the data, and only the fields that shape this split's items
+    if cfg.data.kind != "things_eeg2":
+        del out["data.things_eeg2"]
+    else:
+        unused = ("val_concepts", "seed", "average_repetitions_train") if cfg.split == "test" \
+            else ("average_repetitions_test",)
+        out["data.things_eeg2"] = {k: v for k, v in out["data.things_eeg2"].items() if k not in unused}
     return out
 
 
@@ -234,7 +241,8 @@ def prepare_output(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
         earlier = json.loads(header.read_text())["settings"]
     except (json.JSONDecodeError, KeyError) as err:
         raise DataError(f"{header} is damaged ({err}); delete {out_dir} or pass overwrite=true") from err
-    changed = [k for k in settings if earlier.get(k) != settings[k]]
+    # a setting the earlier run did not record (an older version's folder) is not compared
+    changed = [k for k in settings if k in earlier and earlier[k] != settings[k]]
     # A run that stopped before its first trial (a bad input found after the settings were written)
     # left nothing to protect: its settings are simply replaced.
     if changed and not overwrite and done_trials(out_dir):

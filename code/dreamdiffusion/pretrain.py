@@ -402,15 +402,15 @@ def run_pretraining(cfg: DictConfig) -> Path:
         limit_val_batches=cfg.trainer.limit_val_batches if val_set is not None else 0,
         use_distributed_sampler=False,  # PretrainData shards and shuffles itself (exact resume)
     )
+    module = MAEPretrainModule(to_container(cfg))
+    if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
+        check_resume_checkpoint(module, last)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
         if cfg.data.skip_bad_files:
             train_set.write_skipped(out_dir / "skipped_files.txt")  # what the whole folder's scan skipped
         _print_once(paths, len(train_set), 0 if val_set is None else len(val_set))
-    module = MAEPretrainModule(to_container(cfg))
-    if cfg.resume:
-        check_resume_checkpoint(module, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
     if trainer.is_global_zero:
         _write_summary(cfg, out_dir, module, trainer, len(train_set))

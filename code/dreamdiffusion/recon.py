@@ -1,19 +1,24 @@
 """The reconstruction metrics of the brain-to-image literature (MindEye's set, used on THINGS-EEG2).
 
-Low level: PixCorr (Pearson correlation of the flattened pixels after resizing both images to 425 px),
-SSIM on grey-scale images at 425 px (scikit-image, Gaussian weights sigma 1.5, population
-covariance). High level: two-way identification with the features of AlexNet layers 2 and 5,
-Inception v3 and CLIP - for a generated image, the fraction of the OTHER ground-truth images whose
-features correlate less with it than its own ground truth (chance 50%) - and the correlation
-distance (1 - Pearson r) to its ground truth in EfficientNet-B1 and SwAV-ResNet50 features
-(lower is better).
+As MindEye's `Reconstruction_Metrics` computes them (Scotti et al. 2023), from the PNGs: both images
+are first brought to 256 x 256 (bilinear, float in [0, 1]), then
+  - PixCorr: Pearson correlation of the flattened pixels at 425 px;
+  - SSIM (`ssim_gray`): grey-scale images at 425 px, scikit-image with Gaussian weights (sigma 1.5),
+    population covariance and MindEye's `multichannel=True` on a 2-D grey image - which treats its
+    columns as channels (1-D SSIM down each column, averaged). That is what the published numbers
+    measure, so it is kept for comparability; it is not the 2-D SSIM of `metrics.ssim`;
+  - two-way identification with AlexNet layers 2 and 5 (`features.4`, `features.11`), Inception v3
+    (`avgpool`) and CLIP: for a generated image, the fraction of the OTHER ground-truth images whose
+    features correlate less with it than its own ground truth (chance 50%);
+  - EfficientNet-B1 and SwAV-ResNet50 (`avgpool`): the correlation distance (1 - Pearson r) to its
+    ground truth (lower is better).
+Each network is torchvision's architecture with the weights MindEye uses, from a LOCAL file (nothing
+downloads); a metric whose file is not configured is skipped with the reason by the caller.
 
-Each network is torchvision's architecture with weights from a LOCAL file (nothing downloads);
-a metric whose file is not configured is skipped with the reason by the caller. The preprocessing
-(resize of the shorter side, ImageNet normalisation) and the feature nodes are MindEye's. Two-way
-identification is a set-level score: it compares every generated image with every ground truth
-of the same sample slot, so the per-image value depends on the whole test set (like the n-way
-accuracy, it is summarised per slot).
+Two-way identification is a set-level score: it compares every generated image with the ground
+truths of the same sample slot. MindEye's test images are distinct; here several trials may show
+the same image (all subjects pooled, repetitions not averaged), so the ground truths are the
+DISTINCT images (by id) and a trial is never compared with a copy of its own image.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
 
+BASE_SIZE = 256  # every image is first resized to 256 x 256, as MindEye's notebook does
 RESIZE_LOW_LEVEL = 425  # PixCorr / SSIM resolution
 
 
@@ -45,12 +50,14 @@ FEATURE_METRICS = {
     "alexnet2": FeatureSpec("alexnet", "features.4", 256, "two_way", "alexnet-owt-7be5be79.pth"),
     "alexnet5": FeatureSpec("alexnet", "features.11", 256, "two_way", "alexnet-owt-7be5be79.pth"),
     "inception": FeatureSpec("inception_v3", "avgpool", 342, "two_way", "inception_v3_google-0cc3c7bd.pth"),
-    "effnet": FeatureSpec("efficientnet_b1", "avgpool", 255, "distance", "efficientnet_b1_rwightman-bac287d4.pth"),
+    # EfficientNet_B1_Weights.DEFAULT (IMAGENET1K_V2), as MindEye loads it
+    "effnet": FeatureSpec("efficientnet_b1", "avgpool", 255, "distance", "efficientnet_b1-c27df63c.pth"),
     "swav": FeatureSpec("resnet50", "avgpool", 224, "distance", "swav_800ep_pretrain.pth.tar"),
 }
 LOW_LEVEL_METRICS = ("pixcorr", "ssim_gray")
 RECON_METRICS = (*LOW_LEVEL_METRICS, *FEATURE_METRICS, "clip_2way")
-LOWER_IS_BETTER = frozenset({"effnet", "swav"})
+DISTANCE_METRICS = frozenset(m for m, spec in FEATURE_METRICS.items() if spec.kind == "distance")
+LOWER_IS_BETTER = DISTANCE_METRICS
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -58,30 +65,38 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Low level
 
 
-def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float64 [N, size, size, 3] in [0, 1] (bilinear)."""
-    out = [np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
-           for img in images]
-    return np.stack(out)
+def to_base(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, 256, 256] in [0, 1] (bilinear, as MindEye's first resize)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    return TF.resize(x, [BASE_SIZE, BASE_SIZE], antialias=True)
 
 
-def pixcorr(generated: np.ndarray, reference: np.ndarray, size: int = RESIZE_LOW_LEVEL) -> np.ndarray:
-    """Per-pair Pearson correlation of the flattened pixels at `size` px: [N]."""
-    a = _resized(generated, size).reshape(len(generated), -1)
-    b = _resized(reference, size).reshape(len(reference), -1)
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, size, antialias=True)
+
+
+def pixcorr(generated: torch.Tensor, reference: torch.Tensor, size: int = RESIZE_LOW_LEVEL) -> np.ndarray:
+    """Per-pair Pearson correlation of the flattened pixels at `size` px (inputs from `to_base`): [N]."""
+    a = _resize(generated, size).reshape(len(generated), -1).double().numpy()
+    b = _resize(reference, size).reshape(len(reference), -1).double().numpy()
     a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
     denom = np.sqrt((a**2).sum(1) * (b**2).sum(1))
     return np.divide((a * b).sum(1), denom, out=np.zeros(len(a)), where=denom > 0)
 
 
-def ssim_gray(generated: np.ndarray, reference: np.ndarray, size: int = RESIZE_LOW_LEVEL) -> np.ndarray:
-    """Per-pair SSIM of the grey-scale images at `size` px (MindEye's settings): [N]."""
+def ssim_gray(generated: torch.Tensor, reference: torch.Tensor, size: int = RESIZE_LOW_LEVEL) -> np.ndarray:
+    """Per-pair SSIM of the grey images at `size` px as MindEye computes it (see the module text): [N]."""
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
 
-    gen, ref = rgb2gray(_resized(generated, size)), rgb2gray(_resized(reference, size))
-    return np.array([structural_similarity(g, r, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                           data_range=1.0) for g, r in zip(gen, ref)])
+    gray = lambda x: rgb2gray(_resize(x, size).permute(0, 2, 3, 1).double().numpy())  # noqa: E731
+    gen, ref = gray(generated), gray(reference)
+    return np.array([structural_similarity(g, r, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, data_range=1.0) for g, r in zip(gen, ref)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,14 +110,16 @@ def _standardised(features: np.ndarray) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
-def two_way_identification(reference: np.ndarray, generated: np.ndarray) -> np.ndarray:
-    """reference, generated: features [N, D] of the ground truths and of one generated image each.
-    Per generated image j: the fraction of i != j with corr(ref_i, gen_j) < corr(ref_j, gen_j): [N]."""
+def two_way_identification(reference: np.ndarray, generated: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """reference: features [M, D] of the distinct ground-truth images; generated: [N, D], one per trial;
+    own: [N] the row of each trial's ground truth in `reference` (default: trial j <-> row j, M = N).
+    Per trial j: the fraction of the M - 1 other images i with corr(ref_i, gen_j) < corr(ref_own, gen_j): [N]."""
     if len(reference) < 2:
-        raise ConfigError("two-way identification needs at least 2 trials")
+        raise ConfigError("two-way identification needs at least 2 distinct ground-truth images")
+    own = np.arange(len(generated)) if own is None else np.asarray(own)
     r = _standardised(reference) @ _standardised(generated).T  # r[i, j] = corr(ref_i, gen_j)
-    own = np.diag(r)
-    return (r < own[None, :]).sum(0) / (len(reference) - 1)
+    congruent = r[own, np.arange(len(generated))]
+    return (r < congruent[None, :]).sum(0) / (len(reference) - 1)
 
 
 def correlation_distance(reference: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -154,49 +171,67 @@ class FeatureNetwork(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] -> float32 features [N, D]."""
-        from torchvision.transforms.v2 import functional as TF
-
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.mean.device)
-        x = TF.resize(x, self.spec.resize, antialias=True).float().div(255)
+    def forward(self, images: torch.Tensor) -> np.ndarray:
+        """float [N, 3, 256, 256] in [0, 1] (`to_base`) -> float32 features [N, D]."""
+        x = _resize(images.to(self.mean.device), self.spec.resize)
         feats = self.extractor((x - self.mean) / self.std)["features"]
         return feats.flatten(1).float().cpu().numpy()
 
 
 class ReconstructionScores:
-    """Accumulates what the set-level metrics need (features per trial and slot), then scores them.
+    """Accumulates what the metrics need (features per distinct ground truth and per trial and slot),
+    then scores them.
 
-    networks: metric -> a callable uint8 [N, H, W, 3] -> features [N, D] (FeatureNetwork, or for
-    "clip_2way" the CLIP image embedder)."""
+    networks: metric -> a callable float [N, 3, 256, 256] -> features [N, D] (FeatureNetwork, or for
+    "clip_2way" the CLIP image embedder wrapped by the caller)."""
 
     def __init__(self, metrics: Sequence[str], networks: dict[str, object]):
         self.metrics = list(metrics)
         self.networks = networks
         self.low: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics if m in LOW_LEVEL_METRICS}
-        self.ref_feats: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics if m not in LOW_LEVEL_METRICS}
-        self.gen_feats: dict[str, list[np.ndarray]] = {m: [] for m in self.ref_feats}
+        featured = [m for m in self.metrics if m not in LOW_LEVEL_METRICS]
+        self.ref_feats: dict[str, list[np.ndarray]] = {m: [] for m in featured}  # one row per distinct image
+        self.pair_ref: dict[str, list[np.ndarray]] = {m: [] for m in featured if m in DISTANCE_METRICS}
+        self.gen_feats: dict[str, list[np.ndarray]] = {m: [] for m in featured}
+        self.position: dict[str, int] = {}  # image id -> row of ref_feats
+        self.own: list[int] = []  # per trial: its ground truth's row
 
-    def add(self, references: np.ndarray, generated: np.ndarray, n_slots: int) -> None:
-        """references: uint8 [B, H, W, 3]; generated: uint8 [B * n_slots, H, W, 3] (trial-major)."""
-        ref_rep = np.repeat(references, n_slots, axis=0)
+    def add(self, references: np.ndarray, generated: np.ndarray, n_slots: int, ids: Sequence[str]) -> None:
+        """references: uint8 [B, H, W, 3]; generated: uint8 [B * n_slots, H, W, 3] (trial-major); ids: the
+        image of each trial (equal ids = the same ground truth)."""
+        refs, gens = to_base(references), to_base(generated)
+        ref_rep = refs.repeat_interleave(n_slots, dim=0)
         for name, fn in (("pixcorr", pixcorr), ("ssim_gray", ssim_gray)):
             if name in self.low:
-                self.low[name].append(fn(generated, ref_rep).reshape(len(references), n_slots))
-        for name in self.ref_feats:
+                self.low[name].append(fn(gens, ref_rep).reshape(len(references), n_slots))
+        new = [i for i, image in enumerate(ids) if image not in self.position and ids.index(image) == i]
+        for i in new:
+            self.position[ids[i]] = len(self.position)
+        self.own.extend(self.position[image] for image in ids)
+        for name in self.gen_feats:
             net = self.networks[name]
-            ref, gen = net(references), net(generated)
-            self.ref_feats[name].append(ref.astype(np.float16))  # halves the memory of a full test set
-            self.gen_feats[name].append(gen.reshape(len(references), n_slots, -1).astype(np.float16))
+            ref = net(refs)
+            if new:
+                self.ref_feats[name].append(ref[new].astype(np.float32))
+            if name in self.pair_ref:
+                self.pair_ref[name].append(ref.astype(np.float32))
+            self.gen_feats[name].append(net(gens).reshape(len(references), n_slots, -1).astype(np.float32))
 
-    def per_image(self) -> dict[str, np.ndarray]:
-        """metric -> [n_trials, n_slots]."""
+    def per_image(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """(metric -> [n_trials, n_slots], metric -> why it could not be computed)."""
         out = {name: np.concatenate(chunks) for name, chunks in self.low.items() if chunks}
-        for name, chunks in self.ref_feats.items():
+        skipped = {}
+        for name, chunks in self.gen_feats.items():
             if not chunks:
                 continue
-            ref, gen = np.concatenate(chunks), np.concatenate(self.gen_feats[name])
-            kind = "two_way" if name == "clip_2way" else FEATURE_METRICS[name].kind
-            fn = two_way_identification if kind == "two_way" else correlation_distance
-            out[name] = np.stack([fn(ref, gen[:, k]) for k in range(gen.shape[1])], axis=1)
-        return out
+            gen = np.concatenate(chunks)
+            if name in self.pair_ref:
+                ref = np.concatenate(self.pair_ref[name])
+                out[name] = np.stack([correlation_distance(ref, gen[:, k]) for k in range(gen.shape[1])], axis=1)
+            elif len(self.position) < 2:
+                skipped[name] = f"two-way identification needs at least 2 distinct images; this run has {len(self.position)}"
+            else:
+                ref, own = np.concatenate(self.ref_feats[name]), np.array(self.own)
+                out[name] = np.stack([two_way_identification(ref, gen[:, k], own) for k in range(gen.shape[1])],
+                                     axis=1)
+        return out, skipped

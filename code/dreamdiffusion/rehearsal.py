@@ -256,7 +256,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         status = "ok" if row["ok"] else "FAILED: " + row.get("error", "")
         lines.append(f"| {row['stage']} | {status} | {row['seconds']} | {'–' if step is None else f'{step:.2f}'} | "
                      f"{memory} | {'–' if hours is None else f'{hours:,.0f} h'} |")
-    lines += ["", "Steps: stage 1 and 2 per optimiser step (the median after the first); stage 3 per sampling "
+    lines += ["", "Steps: stages 1 and 2 per training batch (the median after the first); stage 3 per sampling "
               "step per image (the VAE decoder and the scores spread over the steps). Projections: "
               + "; ".join(f"{k} {v:,}" for k, v in report["paper_run"].items()) + ".",
               "", "## Memory of each setting (computed from one real step's saved activations)", "",

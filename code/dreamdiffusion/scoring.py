@@ -167,7 +167,7 @@ class Scorer:
         self.n_way, self.top_k, self.n_way_trials = n_way, top_k, n_way_trials
         self.generator = torch.Generator().manual_seed(seed)  # only used by the sampled n-way estimate
         self.retrieval_ways = sorted(set(retrieval_ways) | {n_way})
-        self.retrieval_top_ks = sorted(set(retrieval_top_ks) | {top_k})
+        self.retrieval_top_ks = sorted(set(retrieval_top_ks) | {top_k, 1})  # top-1 always: the table's chance column
         recon = [m for m in self.metrics if m in R.RECON_METRICS]
         self.recon = R.ReconstructionScores(recon, self._recon_networks(recon)) if recon else None
         self.scores: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics
@@ -179,19 +179,25 @@ class Scorer:
                              if "fid" in self.metrics else None)
         self.retrieval: dict[str, list] = {"eeg": [], "images": [], "ids": []}
         self.retrieval_scores: np.ndarray | None = None
+        self.late_skipped: dict[str, str] = {}  # metrics found impossible only when computed (too few images)
 
     def _recon_networks(self, recon: list[str]) -> dict[str, Any]:
         networks: dict[str, Any] = {m: self.nets.features[m] for m in recon if m in R.FEATURE_METRICS}
         if "clip_2way" in recon:
             clip = self.nets.clip
-            networks["clip_2way"] = lambda a: clip.embed([Image.fromarray(x) for x in a]).float().cpu().numpy()
+            def clip_features(x: torch.Tensor) -> np.ndarray:  # the 256 px float view, through CLIP's own preprocessing
+                u8 = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+                return clip.embed([Image.fromarray(a) for a in u8]).float().cpu().numpy()
+
+            networks["clip_2way"] = clip_features
         return networks
 
     @torch.no_grad()
     def add_trials(self, references: Sequence[Image.Image], generated: Sequence[Sequence[Image.Image]],
-                   clip_references: Sequence[Image.Image] | None = None) -> None:
+                   clip_references: Sequence[Image.Image] | None = None, ids: Sequence[str] | None = None) -> None:
         """references: the k = 0 image of each trial; generated: each trial's K images (same size as
-        its reference); clip_references: what CLIP compares with (default: `references`)."""
+        its reference); clip_references: what CLIP compares with (default: `references`); ids: the
+        image of each trial, for the set-level recon metrics (default: every trial its own image)."""
         n_slots = len(generated[0])
         if any(len(g) != n_slots for g in generated) or len(generated) != len(references):
             raise ConfigError("every trial needs the same number of generated images and one reference")
@@ -199,7 +205,9 @@ class Scorer:
         for name, values in self._pairwise(references, flat, n_slots, clip_references).items():
             self.scores[name].append(values.reshape(len(references), n_slots))
         if self.recon is not None:
-            self.recon.add(_uint8(references), _uint8(flat), n_slots)
+            start = len(self.recon.own)
+            ids = list(ids) if ids is not None else [f"trial {start + i}" for i in range(len(references))]
+            self.recon.add(_uint8(references), _uint8(flat), n_slots, ids)
         if self.distribution is not None:
             self.distribution.update(torch.from_numpy(_uint8(flat)).permute(0, 3, 1, 2).contiguous(), real=False)
             self.distribution.update(torch.from_numpy(_uint8(references)).permute(0, 3, 1, 2).contiguous(), real=True)
@@ -237,7 +245,10 @@ class Scorer:
 
     def per_image(self) -> dict[str, np.ndarray]:
         out = {name: np.concatenate(chunks) for name, chunks in self.scores.items() if chunks}
-        return {**out, **(self.recon.per_image() if self.recon is not None else {})}
+        if self.recon is not None:
+            recon, self.late_skipped = self.recon.per_image()
+            out.update(recon)
+        return out
 
     def compute(self, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
         results: dict[str, Any] = {}

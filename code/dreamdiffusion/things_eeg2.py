@@ -54,14 +54,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset import (
-    DATA_README,
-    _resize,
-    _to_unit_range,
-    check_dict_file,
-    missing_images_error,
-    resample_linear,
-)
+from .dataset import DATA_README, check_dict_file, image_fields, missing_images_error, resample_linear
 from .errors import ConfigError, DataError, run_cli
 from .io import atomic_path
 from .synthetic import (
@@ -570,14 +563,8 @@ class ThingsEEG2Dataset(Dataset):
         if not self.average_repetitions:
             item["repetition"] = rep
         if self.load_images:
-            from .dataset import random_crop_resize
-
-            original = _open_rgb(path)
-            image = _resize(_to_unit_range(original), self.image_size)
-            if self.augment and float(torch.rand(1)) < self.crop_probability:
-                image = random_crop_resize(image, self.crop_size)
-            item["image"] = image
-            item["clip_pixel_values"] = self.clip_transform(original)
+            item.update(image_fields(_open_rgb(path), self.image_size, self.clip_transform, self.augment,
+                                     self.crop_probability, self.crop_size))
         return item
 
 

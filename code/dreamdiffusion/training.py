@@ -277,9 +277,12 @@ def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[st
     """resume=true: `path` must hold this module's weights (`keys`, default all; same shapes), else a
     sentence now instead of Lightning's wall of missing keys."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any decode failure means "not a checkpoint of ours"
         raise CheckpointError(f"resume=true: {path} cannot be read as a Lightning checkpoint ({err})") from err
+    state = loaded.get("state_dict") if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"resume=true: {path} holds no Lightning state_dict")
     own = module.state_dict()
     expected = set(own) if keys is None else keys
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
