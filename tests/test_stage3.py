@@ -10,15 +10,15 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
 from dreamdiffusion.classifier import ImageClassifier, save_local_classifier
 from dreamdiffusion.errors import run_cli
 from dreamdiffusion.original import write_generation_checkpoint
 from dreamdiffusion.scoring import MetricNetworks, Scorer
 from dreamdiffusion.stages import STAGES
+from dreamdiffusion.standins import byte_tokenizer
 from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
 from stage2_tiny import ENCODER, tiny_model, tiny_sd, tiny_sd_configs, write_config_dir
 
@@ -29,14 +29,10 @@ N_SLOTS = 2
 def tiny_clip_folder(path):
     """A CLIPModel folder (text width 32 = the tiny UNet's cross-attention; projection 16 = the
     tiny CLIP head) with a byte-level tokenizer that needs no vocabulary download."""
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(path)
+    vocab_size = byte_tokenizer(path, 77)
     torch.manual_seed(0)
     tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, projection_dim=16)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **tower),
+    config = CLIPConfig(text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, **tower),
                         vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
     CLIPModel(config).save_pretrained(path)
     return path

@@ -147,11 +147,20 @@ def check_dict_file(loaded: Any, keys: Sequence[str], path: Any, what: str = "EE
                             f"expected {list(keys)})")
 
 
-def missing_images_error(missing: Sequence[Path], split: str, image_dir: Any, where: str) -> DataError:
-    """The error for the images of a split that are not there: how many, the first ten, where they go."""
-    shown = "\n  ".join(map(str, missing[:10]))
-    more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-    return DataError(f"{len(missing)} image(s) of split '{split}' not found under {image_dir} ({where}):\n  {shown}{more}")
+def check_split_images(paths: Sequence[Path], split: str, image_dir: Any, where: str, decode: bool = True) -> None:
+    """The images of a split: a DataError for any that is missing (how many, the first ten, `where`
+    they go) or, with `decode`, that cannot be decoded."""
+    paths = list(dict.fromkeys(paths))
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = "\n  ".join(map(str, missing[:10]))
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{len(missing)} image(s) of split '{split}' not found under {image_dir} ({where}):\n  "
+                        f"{shown}{more}")
+    broken = unreadable_images(paths) if decode else []
+    if broken:
+        path, why = broken[0]
+        raise DataError(f"{len(broken)} image(s) of split '{split}' cannot be decoded, e.g. {path}: {why}")
 
 
 def load_eeg_file(path: str | os.PathLike) -> EEGFile:
@@ -467,15 +476,8 @@ class ImageNetEEGDataset(Dataset):
             self._check_images(split, check_images)
 
     def _check_images(self, split: str, decode: bool) -> None:
-        missing = self.missing_images()
-        if missing:
-            raise missing_images_error(missing, split, self.image_dir, f"{DATA_README} explains where the ImageNet "
-                                                                       "images go")
-        if decode:
-            broken = unreadable_images(dict.fromkeys(image_path(self.image_dir, n) for n in self.image_names))
-            if broken:
-                path, why = broken[0]
-                raise DataError(f"{len(broken)} image(s) of split '{split}' cannot be decoded, e.g. {path}: {why}")
+        check_split_images([image_path(self.image_dir, n) for n in self.image_names], split, self.image_dir,
+                           f"{DATA_README} explains where the ImageNet images go", decode)
 
     @classmethod
     def from_config(cls, cfg: Any, split: str, augment: bool = False,

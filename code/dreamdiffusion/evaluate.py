@@ -34,6 +34,7 @@ from . import metrics as M
 from .config import resolved, save_config, to_container
 from .errors import CheckpointError, ConfigError, DataError
 from .io import atomic_path, atomic_write_json, atomic_write_text, check_output_dir
+from .memory import resolve_device
 from .pipeline import DEFAULT_STEPS, NULL_CONDITIONS, SAMPLERS, DreamDiffusionPipeline
 from .scoring import GENERATION_METRICS, KNOWN_METRICS, MetricNetworks, Scorer, load_rgb, read_image_folder
 
@@ -118,12 +119,6 @@ def validate_inputs(cfg: DictConfig) -> None:
             raise CheckpointError(f"{key}={cfg[key]} not found (see pretrains/README.md)")
 
 
-def _device(name: str) -> torch.device:
-    from .memory import resolve_device
-
-    return resolve_device(name, "device")
-
-
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
     table = {"fp32": torch.float32, "32": torch.float32, "fp16": torch.float16, "16": torch.float16,
              "bf16": torch.bfloat16}
@@ -147,7 +142,7 @@ def _multi_process(cfg: DictConfig) -> bool:
 def _launch(cfg: DictConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; several processes are started through Fabric."""
     if not _multi_process(cfg):
-        return 0, 1, _device(cfg.device)
+        return 0, 1, resolve_device(cfg.device, "device")
     from datetime import timedelta
 
     from lightning_fabric import Fabric
@@ -330,7 +325,7 @@ def score_folder(cfg: DictConfig, out_dir: Path, extra_networks: dict[str, Any],
         raise DataError(f"{images_dir} holds {folder.n_trials} trials but {images_dir.parent / 'generation.jsonl'} "
                         f"records {len(records)}: was the folder changed after generation?")
     skipped: dict[str, str] = {}
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     nets = load_metric_networks(cfg, device, list(cfg.metrics), skipped, extra_networks)
     _check_classifier(cfg, nets)
     retrieval = _retrieval_inputs(cfg, records, images_dir.parent, skipped, nets)
@@ -340,7 +335,10 @@ def score_folder(cfg: DictConfig, out_dir: Path, extra_networks: dict[str, Any],
     clip_from_originals = _score_images(scorer, folder, records, cfg, progress)
     if retrieval is not None:
         eeg, paths, ids = retrieval
-        scorer.add_retrieval(eeg, nets.clip.embed([load_rgb(p) for p in paths]), ids)
+        # clip_similarity already embedded the same original files, trial by trial
+        reused = clip_from_originals and len(scorer.reference_embeddings) > 0
+        images = torch.cat(scorer.reference_embeddings) if reused else nets.clip.embed([load_rgb(p) for p in paths])
+        scorer.add_retrieval(eeg, images, ids)
     results = scorer.compute(cfg.bootstrap_samples, cfg.seed)
     skipped.update(scorer.late_skipped)
     n_trials = folder.n_trials if folder is not None else len(records)

@@ -190,8 +190,8 @@ class ReconstructionScores:
         self.networks = networks
         self.low: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics if m in LOW_LEVEL_METRICS}
         featured = [m for m in self.metrics if m not in LOW_LEVEL_METRICS]
-        self.ref_feats: dict[str, list[np.ndarray]] = {m: [] for m in featured}  # one row per distinct image
-        self.pair_ref: dict[str, list[np.ndarray]] = {m: [] for m in featured if m in DISTANCE_METRICS}
+        # two-way: one reference row per distinct image; distances: one per trial (pairwise)
+        self.ref_feats: dict[str, list[np.ndarray]] = {m: [] for m in featured}
         self.gen_feats: dict[str, list[np.ndarray]] = {m: [] for m in featured}
         self.position: dict[str, int] = {}  # image id -> row of ref_feats
         self.own: list[int] = []  # per trial: its ground truth's row
@@ -204,17 +204,17 @@ class ReconstructionScores:
         for name, fn in (("pixcorr", pixcorr), ("ssim_gray", ssim_gray)):
             if name in self.low:
                 self.low[name].append(fn(gens, ref_rep).reshape(len(references), n_slots))
-        new = [i for i, image in enumerate(ids) if image not in self.position and ids.index(image) == i]
-        for i in new:
-            self.position[ids[i]] = len(self.position)
+        new = []  # trials of this batch whose image is seen for the first time
+        for i, image in enumerate(ids):
+            if image not in self.position:
+                self.position[image] = len(self.position)
+                new.append(i)
         self.own.extend(self.position[image] for image in ids)
         for name in self.gen_feats:
             net = self.networks[name]
-            ref = net(refs)
-            if new:
-                self.ref_feats[name].append(ref[new].astype(np.float32))
-            if name in self.pair_ref:
-                self.pair_ref[name].append(ref.astype(np.float32))
+            wanted = refs if name in DISTANCE_METRICS else refs[new]
+            if len(wanted):
+                self.ref_feats[name].append(net(wanted).astype(np.float32))
             self.gen_feats[name].append(net(gens).reshape(len(references), n_slots, -1).astype(np.float32))
 
     def per_image(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -225,8 +225,8 @@ class ReconstructionScores:
             if not chunks:
                 continue
             gen = np.concatenate(chunks)
-            if name in self.pair_ref:
-                ref = np.concatenate(self.pair_ref[name])
+            if name in DISTANCE_METRICS:
+                ref = np.concatenate(self.ref_feats[name])
                 out[name] = np.stack([correlation_distance(ref, gen[:, k]) for k in range(gen.shape[1])], axis=1)
             elif len(self.position) < 2:
                 skipped[name] = f"two-way identification needs at least 2 distinct images; this run has {len(self.position)}"

@@ -98,15 +98,14 @@ def _use_or_write(key: str, target: Path, write, use_real: bool, sources: dict, 
     if real is not None:
         sources[key] = "real"
         return real
-    final = target / "config.json" if target.suffix == "" and key == "clip" else target
-    if key == "corpus":
-        final = target / "DONE"
-    if not final.exists():
+    # A file stand-in is written atomically; a folder one is complete once its DONE marker exists.
+    done = target / "DONE" if target.suffix == "" else target
+    if not done.exists():
         log(f"[rehearsal] writing the {key} stand-in to {target} ...")
         started = time.perf_counter()
         write(target)
-        if key == "corpus":
-            final.write_text("done\n")
+        if done != target:
+            done.write_text("done\n")
         log(f"[rehearsal] {key}: {time.perf_counter() - started:.0f} s")
     sources[key] = "stand-in"
     return target
@@ -123,21 +122,22 @@ def stage_steps(inputs: dict[str, Any], folders: Folders, sizes: standins.Sizes,
             "data.subject=4"]
     sd_cfg = [f"sd_config_dir={sizes.sd_config_dir}"] if sizes.sd_config_dir else []
     encoder = [f"encoder.{k}={v}" for k, v in sizes.encoder.items()]
+    n_times = f"data.n_times={sizes.encoder.get('n_times', 512)}"
     stage1 = [f"output_dir={out / 'stage1'}", f"data.root={inputs['corpus']}", f"batch_size={100 if gpu else 4}",
               "epochs=1", "warmup_epochs=0", "trainer.limit_train_batches=4", "trainer.num_workers=0",
               "checkpoint_every_n_epochs=0", "figure_every_n_epochs=0", "trainer.progress_bar=false", *encoder,
-              f"data.n_times={sizes.encoder.get('n_times', 512)}"]
+              n_times]
     stage2 = [f"output_dir={out / 'stage2'}", f"eeg_encoder_path={out / 'stage1' / 'eeg_encoder'}",
               f"sd_path={inputs['sd']}", f"clip_path={inputs['clip']}", *sd_cfg, *data, f"batch_size={4 if gpu else 1}",
               "epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "val_every_n_epochs=1",
               "sample_every_n_epochs=0", "n_val_samples=1", "trainer.num_workers=0", "trainer.progress_bar=false",
               f"data.image_size={sizes.image_size}", f"data.clip_image_size={sizes.clip_vision['image_size']}",
-              f"data.n_times={sizes.encoder.get('n_times', 512)}"]
+              n_times]
     weights = f"classifier_weights={inputs['classifier']}"
     stage3 = [*data, *sd_cfg, f"classifier=torchvision:{sizes.classifier}", weights, f"clip_path={inputs['clip']}",
               "max_trials=2", "num_images_per_eeg=1", "num_inference_steps=3", "batch_size=2", "n_way=50",
               "bootstrap_samples=100", "progress_bar=false", "metrics=[n_way,mse,pcc,ssim,clip_similarity,retrieval]",
-              f"data.image_size={sizes.image_size}", f"data.n_times={sizes.encoder.get('n_times', 512)}"]
+              f"data.image_size={sizes.image_size}", n_times]
     oracle = [f"oracle_sd_path={inputs['sd']}", "class_oracle=true", "metrics=[n_way,mse,ssim]"]
     if inputs.get("class_names"):
         oracle.append(f"class_names_path={inputs['class_names']}")

@@ -180,6 +180,9 @@ class Scorer:
         self.retrieval: dict[str, list] = {"eeg": [], "images": [], "ids": []}
         self.retrieval_scores: np.ndarray | None = None
         self.late_skipped: dict[str, str] = {}  # metrics found impossible only when computed (too few images)
+        self._recon_scores: dict[str, np.ndarray] | None = None  # the set-level scores, once computed
+        # CLIP embeddings of the trials' reference views, kept from clip_similarity for retrieval
+        self.reference_embeddings: list[torch.Tensor] = []
 
     def _recon_networks(self, recon: list[str]) -> dict[str, Any]:
         networks: dict[str, Any] = {m: self.nets.features[m] for m in recon if m in R.FEATURE_METRICS}
@@ -205,6 +208,7 @@ class Scorer:
         for name, values in self._pairwise(references, flat, n_slots, clip_references).items():
             self.scores[name].append(values.reshape(len(references), n_slots))
         if self.recon is not None:
+            self._recon_scores = None
             start = len(self.recon.own)
             ids = list(ids) if ids is not None else [f"trial {start + i}" for i in range(len(references))]
             self.recon.add(_uint8(references), _uint8(flat), n_slots, ids)
@@ -232,8 +236,9 @@ class Scorer:
             as_unit = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255).to(device)  # noqa: E731
             out["lpips"] = self.nets.lpips(as_unit(gen_u8), as_unit(ref_u8)).cpu().numpy()
         if "clip_similarity" in self.metrics:
-            ref_emb = self.nets.clip.embed(list(clip_references or references)).repeat_interleave(n_slots, 0)
-            out["clip_similarity"] = M.cosine_similarity(self.nets.clip.embed(flat), ref_emb)
+            ref_emb = self.nets.clip.embed(list(clip_references or references))
+            self.reference_embeddings.append(ref_emb)
+            out["clip_similarity"] = M.cosine_similarity(self.nets.clip.embed(flat), ref_emb.repeat_interleave(n_slots, 0))
         return out
 
     def add_retrieval(self, eeg_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
@@ -246,8 +251,9 @@ class Scorer:
     def per_image(self) -> dict[str, np.ndarray]:
         out = {name: np.concatenate(chunks) for name, chunks in self.scores.items() if chunks}
         if self.recon is not None:
-            recon, self.late_skipped = self.recon.per_image()
-            out.update(recon)
+            if self._recon_scores is None:  # the two-way comparisons are computed once, not per call
+                self._recon_scores, self.late_skipped = self.recon.per_image()
+            out.update(self._recon_scores)
         return out
 
     def compute(self, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .clip_embedder import CLIP_VIT_L14_VISION
-from .io import atomic_torch_save, atomic_write_json
+from .io import atomic_torch_save
 from .mae import ENCODER_PRESETS
 
 # openai/clip-vit-large-patch14's text tower (SD1.5's text encoder), for the class-name oracle.
@@ -68,8 +68,9 @@ def sd15(path: Path, sizes: Sizes) -> Path:
     return save_compvis_checkpoint(parts.unet, parts.vae, path)
 
 
-def _byte_tokenizer(folder: Path, max_length: int) -> None:
-    """A CLIPTokenizer over the byte alphabet (no vocabulary download); ids stay below CLIP's 49408."""
+def byte_tokenizer(folder: Path, max_length: int) -> int:
+    """A CLIPTokenizer over the byte alphabet (no vocabulary download) saved in `folder`; returns its
+    vocabulary size (514, below CLIP's 49408)."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -78,6 +79,7 @@ def _byte_tokenizer(folder: Path, max_length: int) -> None:
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length).save_pretrained(folder)
+    return len(vocab)
 
 
 def clip(folder: Path, sizes: Sizes) -> Path:
@@ -88,7 +90,7 @@ def clip(folder: Path, sizes: Sizes) -> Path:
     projection = sizes.clip_vision["projection_dim"]
     config = CLIPConfig(text_config=sizes.clip_text, vision_config=sizes.clip_vision, projection_dim=projection)
     CLIPModel(config).save_pretrained(folder)
-    _byte_tokenizer(folder, sizes.clip_text["max_position_embeddings"])
+    byte_tokenizer(folder, sizes.clip_text["max_position_embeddings"])
     return folder
 
 
@@ -121,11 +123,9 @@ def imagenet_eeg(folder: Path, sizes: Sizes) -> dict[str, Path]:
     """ImageNet-EEG-shaped data for one subject (numbered 4, as the paper's) at the real sizes."""
     from .synthetic import write_synthetic_imagenet_eeg
 
-    paths = write_synthetic_imagenet_eeg(folder, n_classes=sizes.n_classes, images_per_class=sizes.images_per_class,
-                                         n_subjects=4, n_channels=sizes.n_channels, image_size=sizes.image_size,
-                                         out_of_range_fraction=0.0, split_fractions=(0.6, 0.2, 0.2))
-    atomic_write_json(folder / "class_names_readable.json", {})
-    return paths
+    return write_synthetic_imagenet_eeg(folder, n_classes=sizes.n_classes, images_per_class=sizes.images_per_class,
+                                        n_subjects=4, n_channels=sizes.n_channels, image_size=sizes.image_size,
+                                        out_of_range_fraction=0.0, split_fractions=(0.6, 0.2, 0.2))
 
 
 def corpus(folder: Path, sizes: Sizes) -> Path:

@@ -54,7 +54,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset import DATA_README, check_dict_file, image_fields, missing_images_error, resample_linear
+from .dataset import DATA_README, check_dict_file, check_split_images, image_fields, resample_linear
 from .errors import ConfigError, DataError, run_cli
 from .io import atomic_path
 from .synthetic import (
@@ -455,9 +455,8 @@ class ThingsEEG2Dataset(Dataset):
         self.crop_size = image_size - int(crop_ratio * image_size)
         self._check_eeg()
         if load_images:
-            self._require_images()
-            if check_images:
-                self._decode_images()
+            check_split_images(self._image_paths(), self.split, self.image_dir,
+                               f"{WHERE}; load_images=False loads the EEG alone", decode=check_images)
             if clip_transform is None:
                 from .clip_embedder import ProcessorTransform
 
@@ -496,15 +495,6 @@ class ThingsEEG2Dataset(Dataset):
                 raise DataError(f"THINGS-EEG2 subject {self.subjects[s]}: row {int(self.rows[bad])} of the "
                                 f"{self.partition} EEG holds NaN or Inf")
 
-    def _decode_images(self) -> None:
-        from .dataset import unreadable_images
-
-        paths = dict.fromkeys(self.metadata.image_path(self.image_dir, self.partition, int(r)) for r in self.rows)
-        broken = unreadable_images(paths)
-        if broken:
-            path, why = broken[0]
-            raise DataError(f"{len(broken)} image(s) of split '{self.split}' cannot be decoded, e.g. {path}: {why}")
-
     @property
     def labels(self) -> list[int]:
         """The label of every item, in order (as ImageNetEEGDataset.labels)."""
@@ -528,17 +518,14 @@ class ThingsEEG2Dataset(Dataset):
         _, row, _ = self.index[i]
         return self.metadata.image_path(self.image_dir, self.partition, int(self.rows[row]))
 
+    def _image_paths(self) -> list[Path]:
+        """This split's image paths, each once, in row order."""
+        return list(dict.fromkeys(self.metadata.image_path(self.image_dir, self.partition, int(row))
+                                  for row in self.rows))
+
     def missing_images(self) -> list[Path]:
         """Image paths of this split that do not exist (each once, in row order)."""
-        paths = dict.fromkeys(self.metadata.image_path(self.image_dir, self.partition, int(row))
-                              for row in self.rows)
-        return [p for p in paths if not p.is_file()]
-
-    def _require_images(self) -> None:
-        missing = self.missing_images()
-        if missing:
-            raise missing_images_error(missing, self.split, self.image_dir,
-                                       f"{WHERE}; load_images=False loads the EEG alone")
+        return [p for p in self._image_paths() if not p.is_file()]
 
     def __len__(self) -> int:
         return len(self.index)
