@@ -510,7 +510,16 @@ def _as_nobody():
         return []
     if shutil.which("setpriv") is None:
         pytest.skip("root ignores permissions and setpriv is not available to drop them")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # The unprivileged user must be able to run this checkout's Python and read its scripts (a clone
+    # inside a private 0700 folder, as `mktemp -d` makes, is closed to it).
+    script = REPO_ROOT / "code" / "stage1_pretrain_eeg.py"
+    probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(script)!r}).close(); import dreamdiffusion"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this checkout ({probe.stderr.strip().splitlines()[-1:]}); "
+                    "the test needs a checkout readable by other users")
+    return prefix
 
 
 def test_a_read_only_output_folder_is_a_sentence_for_a_non_root_user():
