@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from dreamdiffusion.config import resolve_path  # noqa: E402
-from dreamdiffusion.io import atomic_write_json  # noqa: E402
-from dreamdiffusion.mae import EEGEncoder  # noqa: E402
-from dreamdiffusion.model import DreamDiffusion, time_cond_overrides  # noqa: E402
-from dreamdiffusion.pipeline import DreamDiffusionPipeline  # noqa: E402
-from dreamdiffusion.sd15 import build_sd15, read_sd15_configs  # noqa: E402
+from dreamdiffusion.core.files import atomic_write_json  # noqa: E402
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, time_cond_overrides  # noqa: E402
+from dreamdiffusion.models.mae import EEGEncoder  # noqa: E402
+from dreamdiffusion.models.pipeline import DreamDiffusionPipeline  # noqa: E402
+from dreamdiffusion.models.sd15 import build_sd15, read_sd15_configs  # noqa: E402
 
 ENCODERS = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),  # the paper's (about 297M parameters)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dreamdiffusion.io import atomic_write_json
-from dreamdiffusion.mae import ENCODER_PRESETS, MaskedEEGAutoencoder, count_parameters
-from dreamdiffusion.pretrain import parameter_groups
+from dreamdiffusion.core.files import atomic_write_json
+from dreamdiffusion.models.mae import ENCODER_PRESETS, MaskedEEGAutoencoder, count_parameters
+from dreamdiffusion.train.stage1 import parameter_groups
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

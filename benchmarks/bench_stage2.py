@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.clip_embedder import CLIP_VIT_L14_VISION, TransformersCLIP
-from dreamdiffusion.mae import EEGEncoder
-from dreamdiffusion.model import DreamDiffusion, select_trainable, time_cond_overrides
-from dreamdiffusion.sd15 import build_sd15, read_sd15_configs
+from dreamdiffusion.models.clip_embedder import CLIP_VIT_L14_VISION, TransformersCLIP
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, select_trainable, time_cond_overrides
+from dreamdiffusion.models.mae import EEGEncoder
+from dreamdiffusion.models.sd15 import build_sd15, read_sd15_configs
 
 ENCODER_LARGE = dict(n_channels=128, n_times=512, patch_size=4, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=1.0)
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -3,7 +3,7 @@
     python code/demo.py            # ~9 min on 2 CPU cores: builds the world once, then the demo's grid
     python code/demo.py --quick    # a much smaller world and runs (the test in `make test`)
 
-What it builds and runs, and what it writes: dreamdiffusion/demo.py and the README's demo section.
+What it builds and runs, and what it writes: dreamdiffusion/tools/demo.py and the README's demo section.
 """
 
 import os
@@ -19,8 +19,8 @@ CODE_DIR = Path(__file__).resolve().parent
 if str(CODE_DIR) not in sys.path:  # `python code/demo.py` from a fresh clone without `pip install -e`
     sys.path.insert(0, str(CODE_DIR))
 
-from dreamdiffusion.demo import main  # noqa: E402
-from dreamdiffusion.errors import run_cli  # noqa: E402
+from dreamdiffusion.core.errors import run_cli  # noqa: E402
+from dreamdiffusion.tools.demo import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

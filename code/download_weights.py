@@ -4,13 +4,13 @@
     python code/download_weights.py --only sd15 --only classifier
     python code/download_weights.py --check         # offline: which files are present / missing
 
-The files, their sources and how each is verified: dreamdiffusion/weights.py and pretrains/README.md.
+The files, their sources and how each is verified: dreamdiffusion/tools/weights.py and pretrains/README.md.
 """
 
 import sys
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.weights import main
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.tools.weights import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -6,14 +6,14 @@
     python code/paper_table.py --stage1 trainer.devices=8 --stage2 trainer.devices=8 --stage3 devices=8
 
 Each run goes to outputs/paper_table/<stage>/<name>; finished runs are skipped, so the same command
-resumes. The table: results/paper_table/results.md (see dreamdiffusion/grid.py).
+resumes. The table: results/paper_table/results.md (see dreamdiffusion/tools/grid.py).
 """
 
 import argparse
 import sys
 
-from dreamdiffusion.errors import ConfigError, run_cli
-from dreamdiffusion.grid import GridRunner, dry_run, load_grid, plan, write_results
+from dreamdiffusion.core.errors import ConfigError, run_cli
+from dreamdiffusion.tools.grid import GridRunner, dry_run, load_grid, plan, write_results
 
 
 def main(argv=None):

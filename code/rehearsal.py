@@ -5,13 +5,13 @@
 
 Writes results/rehearsal/rehearsal.json and rehearsal.md (per stage: ok or the error, seconds per
 step, peak memory, the paper's full run projected at that speed; the memory each setting needs).
-See dreamdiffusion/rehearsal.py.
+See dreamdiffusion/tools/rehearsal.py.
 """
 
 import sys
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.rehearsal import main
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.tools.rehearsal import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -6,18 +6,13 @@
     python code/stage1_pretrain_eeg.py resume=true                       # continue from last.ckpt
 
 Writes config.yaml, checkpoints/, metrics.csv, figures/, metrics.json, results.md and the encoder
-export eeg_encoder/ to `output_dir` (see dreamdiffusion/pretrain.py).
+export eeg_encoder/ to `output_dir` (see dreamdiffusion/train/stage1.py).
 """
 
 import sys
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.stages import STAGES
-
-
-def main(argv=None):
-    return STAGES["stage1"].main(argv)
-
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.train.stage1 import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -7,18 +7,13 @@
 
 Needs the stage-1 encoder (eeg_encoder_path), SD1.5 (sd_path) and CLIP ViT-L/14 (clip_path); writes
 config.yaml, metrics.csv, samples/, checkpoints/{last,best}.ckpt, metrics.json, results.md and the
-final model/ to `output_dir` (see dreamdiffusion/finetune.py).
+final model/ to `output_dir` (see dreamdiffusion/train/stage2.py).
 """
 
 import sys
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.stages import STAGES
-
-
-def main(argv=None):
-    return STAGES["stage2"].main(argv)
-
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.train.stage2 import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

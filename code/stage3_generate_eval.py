@@ -6,18 +6,13 @@
     python code/stage3_generate_eval.py phase=score images_dir=path/to/test_images      # any folder
 
 Writes to `output_dir`: images/test{i}-{k}.png (k = 0 the ground truth), records/, generation.json(l),
-grids/, metrics.json, results.md and config.yaml. See `dreamdiffusion.evaluate` for the protocol.
+grids/, metrics.json, results.md and config.yaml. See `dreamdiffusion.evaluation.stage3` for the protocol.
 """
 
 import sys
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.stages import STAGES
-
-
-def main(argv=None):
-    return STAGES["stage3"].main(argv)
-
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.evaluation.stage3 import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

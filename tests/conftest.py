@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic data in the real formats (dreamdiffusion.synthetic), shared by every area's tests.
+# Synthetic data in the real formats (dreamdiffusion.data.synthetic), shared by every area's tests.
 
 SYNTHETIC_IMAGENET_EEG = dict(
     n_classes=4,
@@ -43,7 +43,7 @@ def synthetic_imagenet_eeg(tmp_path_factory):
     Returns the dict of `write_synthetic_imagenet_eeg`: root, eeg_path, splits_path (the "single"
     file), splits_all_path, image_dir, class_names_path. Treat the files as read-only.
     """
-    from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
+    from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg
 
     return write_synthetic_imagenet_eeg(tmp_path_factory.mktemp("imagenet_eeg"), **SYNTHETIC_IMAGENET_EEG)
 
@@ -54,7 +54,7 @@ def synthetic_pretrain_corpus(tmp_path_factory):
 
     Returns the root folder (a Path). Treat the files as read-only.
     """
-    from dreamdiffusion.synthetic import write_synthetic_pretrain_corpus
+    from dreamdiffusion.data.synthetic import write_synthetic_pretrain_corpus
 
     root = tmp_path_factory.mktemp("pretrain_eeg")
     write_synthetic_pretrain_corpus(root, n_files=12, length_range=(300, 1200), seed=0)

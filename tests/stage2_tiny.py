@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.clip_embedder import TransformersCLIP
-from dreamdiffusion.mae import EEGEncoder
-from dreamdiffusion.model import DreamDiffusion, time_cond_overrides
-from dreamdiffusion.sd15 import SD15Components, read_sd15_configs
+from dreamdiffusion.models.clip_embedder import TransformersCLIP
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, time_cond_overrides
+from dreamdiffusion.models.mae import EEGEncoder
+from dreamdiffusion.models.sd15 import SD15Components, read_sd15_configs
 
 IMAGE_SIZE = 16  # pixels; the VAE halves it once -> latents 8x8 = UNet sample_size
 CLIP_IMAGE_SIZE = 32

@@ -29,8 +29,12 @@ from PIL import Image
 
 from conftest import REPO_ROOT
 from dreamdiffusion import dataset as D
-from dreamdiffusion.errors import DreamDiffusionError, run_cli
-from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg, write_synthetic_pretrain_corpus
+from dreamdiffusion.core.errors import DreamDiffusionError, run_cli
+from dreamdiffusion.data import imagenet_eeg
+from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg, write_synthetic_pretrain_corpus
+from dreamdiffusion.evaluation.stage3 import main as stage3_main
+from dreamdiffusion.train.stage1 import main as stage1_main
+from dreamdiffusion.train.stage2 import main as stage2_main
 
 # ---------------------------------------------------------------------------------------------
 # A small valid ImageNet-EEG in the real formats, and ways to break it
@@ -377,8 +381,7 @@ def test_fuzz_the_pretraining_corpus(tmp_path, skip):
 def test_stage3_checks_n_way_and_images_before_writing_anything(base, tmp_path, capsys):
     import timm
 
-    from dreamdiffusion.classifier import save_local_classifier
-    from dreamdiffusion.stages import STAGES
+    from dreamdiffusion.models.classifier import save_local_classifier
     from stage2_tiny import ENCODER, tiny_model
 
     model_dir = tmp_path / "model"
@@ -390,23 +393,23 @@ def test_stage3_checks_n_way_and_images_before_writing_anything(base, tmp_path, 
             f"classifier={tmp_path / 'clf'}", "classifier_weights=null", "clip_path=null", "metrics=[n_way]",
             "num_inference_steps=1", "num_images_per_eeg=1", "progress_bar=false"]
     out = tmp_path / "never_written"
-    assert run_cli(STAGES["stage3"].main, [*args, f"output_dir={out}", "n_way=50"]) == 2
+    assert run_cli(stage3_main, [*args, f"output_dir={out}", "n_way=50"]) == 2
     assert "need top_k <= n_way <= the classifier's 6 classes" in capsys.readouterr().err and not out.exists()
     images = tmp_path / "images"
     shutil.copytree(base["image_dir"], images)
     test_split = D.ImageNetEEGDataset(base["eeg_path"], base["splits_path"], split="test", subject=1)
-    D.image_path(images, test_split.image_names[0]).write_bytes(b"")  # an image stage 3 uses
-    assert run_cli(STAGES["stage3"].main, [*args, f"output_dir={out}", "n_way=5", f"data.image_dir={images}"]) == 2
+    imagenet_eeg.image_path(images, test_split.image_names[0]).write_bytes(b"")  # an image stage 3 uses
+    assert run_cli(stage3_main, [*args, f"output_dir={out}", "n_way=5", f"data.image_dir={images}"]) == 2
     assert "cannot be decoded" in capsys.readouterr().err and not out.exists()
     (tmp_path / "a_file").write_text("x")
-    assert run_cli(STAGES["stage3"].main, [*args, f"output_dir={tmp_path / 'a_file'}", "n_way=5"]) == 2
+    assert run_cli(stage3_main, [*args, f"output_dir={tmp_path / 'a_file'}", "n_way=5"]) == 2
     assert "is an existing file, not a folder" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def stage2_world(tmp_path_factory, base):
-    from dreamdiffusion.mae import save_eeg_encoder
-    from dreamdiffusion.original import save_compvis_checkpoint
+    from dreamdiffusion.models.mae import save_eeg_encoder
+    from dreamdiffusion.models.original_formats import save_compvis_checkpoint
     from stage2_tiny import (
         CLIP_IMAGE_SIZE,
         ENCODER,
@@ -435,7 +438,6 @@ def stage2_world(tmp_path_factory, base):
     ("image", "cannot be decoded"),
 ])
 def test_stage2_refuses_bad_data_before_training(base, stage2_world, tmp_path, capsys, damage, message):
-    from dreamdiffusion.stages import STAGES
 
     content, splits = copy.deepcopy(base["content"]), copy.deepcopy(base["splits"])
     images = base["image_dir"]
@@ -454,14 +456,13 @@ def test_stage2_refuses_bad_data_before_training(base, stage2_world, tmp_path, c
     out = tmp_path / "run"
     args = [*stage2_world, f"data.eeg_path={eeg}", f"data.splits_path={split_file}", f"data.image_dir={images}",
             f"output_dir={out}"]
-    assert run_cli(STAGES["stage2"].main, args) == 2
+    assert run_cli(stage2_main, args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()  # nothing written: not even config.yaml
 
 
 def test_skip_bad_files_names_each_skipped_file(tmp_path, caplog):
-    from dreamdiffusion.stages import STAGES
 
     corpus = tmp_path / "corpus"
     write_synthetic_pretrain_corpus(corpus, n_files=6, channel_counts=(8,), length_range=(100, 160), seed=0)
@@ -474,12 +475,12 @@ def test_skip_bad_files_names_each_skipped_file(tmp_path, caplog):
             "encoder.num_heads=2", "decoder.decoder_embed_dim=16", "decoder.decoder_depth=1",
             "decoder.decoder_num_heads=2", "batch_size=4", "epochs=1", "warmup_epochs=0", "trainer.accelerator=cpu",
             "trainer.num_workers=0", "trainer.progress_bar=false", "figure_every_n_epochs=0"]
-    assert run_cli(STAGES["stage1"].main, args) == 2  # without skip_bad_files: the first bad file, named
+    assert run_cli(stage1_main, args) == 2  # without skip_bad_files: the first bad file, named
     assert not out.exists()
     import logging
 
     with caplog.at_level(logging.WARNING, logger="dreamdiffusion.dataset"):
-        STAGES["stage1"].main([*args, "data.skip_bad_files=true"])
+        stage1_main([*args, "data.skip_bad_files=true"])
     skipped = dict(line.split("\t") for line in (out / "skipped_files.txt").read_text().splitlines())
     assert {Path(p).name: why for p, why in skipped.items()} == {
         "empty.npy": "is empty (0 bytes)", "ints.npy": "has dtype int32, expected floating point EEG",
@@ -488,7 +489,7 @@ def test_skip_bad_files_names_each_skipped_file(tmp_path, caplog):
 
 
 def test_a_debug_flag_shows_the_traceback_and_a_bug_keeps_it(capsys):
-    from dreamdiffusion.errors import DataError
+    from dreamdiffusion.core.errors import DataError
 
     def bad_input(argv):
         raise DataError("file x.pth has no key 'dataset'")
@@ -556,5 +557,5 @@ def test_the_data_module_does_not_unpickle_code(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"dataset": Bomb()}, f)
     with pytest.raises(DreamDiffusionError, match="refus"):
-        D.load_eeg_file(path)
+        imagenet_eeg.load_imagenet_eeg_file(path)
     assert not marker.exists()

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion.clip_embedder import load_clip_image_encoder
-from dreamdiffusion.errors import CheckpointError
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.models.clip_embedder import load_clip_image_encoder
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             image_size=32, patch_size=8, projection_dim=16)

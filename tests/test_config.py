@@ -14,13 +14,13 @@ from dreamdiffusion.config import (
     resolve_path,
     save_config,
 )
-from dreamdiffusion.errors import ConfigError, run_cli
+from dreamdiffusion.core.errors import ConfigError, run_cli
 
 
 def test_the_defaults_files_only_restate_the_schema():
     """The stage defaults files show the most-changed settings; they must not change a default
     (the paper's values live in the schema and are checked against the manifest in test_fidelity)."""
-    from dreamdiffusion.stages import STAGES
+    from dreamdiffusion.config import STAGES
 
     for stage in STAGES.values():
         bare = OmegaConf.to_container(build_config(stage.schema))

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dreamdiffusion.config import PairedDataConfig, PretrainDataConfig
+from dreamdiffusion.core.errors import DataError, run_cli
 from dreamdiffusion.dataset import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,7 +27,6 @@ from dreamdiffusion.dataset import (
     load_image,
     main,
 )
-from dreamdiffusion.errors import DataError, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # The authors' rules, written out independently

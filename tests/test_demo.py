@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamdiffusion.demo import main as demo_main  # what code/demo.py (`make demo`) calls
+from dreamdiffusion.tools.demo import main as demo_main  # what code/demo.py (`make demo`) calls
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_world_stand_ins_load_through_the_real_loaders(quick_demo):
     _, dirs = quick_demo
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    from dreamdiffusion.classifier import load_classifier
-    from dreamdiffusion.demo_world import PROMPT, class_names
-    from dreamdiffusion.sd15 import load_sd15
+    from dreamdiffusion.models.classifier import load_classifier
+    from dreamdiffusion.models.sd15 import load_sd15
+    from dreamdiffusion.tools.demo_world import PROMPT, class_names
 
     clip_dir = dirs["pretrains"] / "clip"
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
@@ -130,8 +130,8 @@ def test_quick_demo_trained_stage1_in_the_background(quick_demo):
 
 
 def test_a_failing_run_names_its_log_and_ends_the_phase(tmp_path):
-    from dreamdiffusion.errors import DreamDiffusionError
-    from dreamdiffusion.grid import GridRunner, Run
+    from dreamdiffusion.core.errors import DreamDiffusionError
+    from dreamdiffusion.tools.grid import GridRunner, Run
 
     bad = Run("stage1/bad", "stage1", ["no_such_field=1"], tmp_path / "stage1" / "bad")
     later = Run("stage1/later", "stage1", [], tmp_path / "stage1" / "later")
@@ -151,7 +151,7 @@ def test_demo_tokenizer_is_the_same_in_every_process():
 
     from conftest import REPO_ROOT
 
-    code = ("from dreamdiffusion.demo_world import PROMPT, build_tokenizer_files, class_names; "
+    code = ("from dreamdiffusion.tools.demo_world import PROMPT, build_tokenizer_files, class_names; "
             "words = PROMPT.format('').split() + [w for n in class_names(20) for w in n.split()]; "
             "print(build_tokenizer_files(words))")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -7,13 +7,13 @@ from diffusers.models.resnet import ResnetBlock2D
 from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from dreamdiffusion import fidelity
-from dreamdiffusion.clip_embedder import CLIP_VIT_L14_VISION, TransformersCLIP
-from dreamdiffusion.config import REPO_ROOT, deviations
-from dreamdiffusion.mae import ENCODER_PRESETS, EEGEncoder
-from dreamdiffusion.model import DreamDiffusion, select_trainable, time_cond_overrides
-from dreamdiffusion.sd15 import build_sd15, read_sd15_configs
-from dreamdiffusion.stages import STAGES
+from dreamdiffusion.config import REPO_ROOT, STAGES, deviations
+from dreamdiffusion.core import fidelity
+from dreamdiffusion.models.clip_embedder import CLIP_VIT_L14_VISION, TransformersCLIP
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, select_trainable, time_cond_overrides
+from dreamdiffusion.models.mae import ENCODER_PRESETS, EEGEncoder
+from dreamdiffusion.models.sd15 import build_sd15, read_sd15_configs
+from dreamdiffusion.tools.docs import deviations_table
 from stage2_tiny import tiny_batch, tiny_model
 
 # Measured with the authors' own modules at SD1.5 size (docs/method.md, "What trains").
@@ -158,5 +158,5 @@ def test_a_run_lists_the_deviations_of_its_own_config():
 def test_docs_method_md_holds_the_generated_table():
     text = (REPO_ROOT / "docs" / "method.md").read_text()
     start, end = text.index("<!-- deviations:start -->\n"), text.index("<!-- deviations:end -->")
-    assert text[start + len("<!-- deviations:start -->\n"):end] == fidelity.markdown_table(), \
-        "regenerate the table: python -m dreamdiffusion.fidelity"
+    assert text[start + len("<!-- deviations:start -->\n"):end] == deviations_table(), \
+        "regenerate the table: python -m dreamdiffusion.tools.docs"

@@ -4,8 +4,8 @@ dry run, skipping finished runs, refusing a finished run made with other setting
 import pytest
 
 from conftest import REPO_ROOT
-from dreamdiffusion.errors import ConfigError
-from dreamdiffusion.grid import GridRunner, dry_run, load_grid, plan, results_markdown, summarise
+from dreamdiffusion.core.errors import ConfigError
+from dreamdiffusion.tools.grid import GridRunner, dry_run, load_grid, plan, results_markdown, summarise
 
 PAPER = REPO_ROOT / "configs" / "paper_table"
 
@@ -68,7 +68,7 @@ def test_a_bad_row_file_names_the_file_and_the_key(tmp_path):
 def test_broken_yaml_a_list_a_bad_stage3_key_and_no_jobs_are_sentences(tmp_path, capsys):
     import importlib.util
 
-    from dreamdiffusion.errors import run_cli
+    from dreamdiffusion.core.errors import run_cli
 
     spec_ = importlib.util.spec_from_file_location("paper_table", REPO_ROOT / "code" / "paper_table.py")
     paper_table = importlib.util.module_from_spec(spec_)
@@ -90,9 +90,8 @@ def test_broken_yaml_a_list_a_bad_stage3_key_and_no_jobs_are_sentences(tmp_path,
 
 
 def test_finished_runs_are_skipped_and_a_changed_one_is_refused(tmp_path):
-    from dreamdiffusion.config import save_config
-    from dreamdiffusion.grid import _split_args
-    from dreamdiffusion.stages import STAGES
+    from dreamdiffusion.config import STAGES, save_config
+    from dreamdiffusion.tools.grid import _split_args
 
     spec, rows = load_grid(_tiny_grid(tmp_path))
     runs = plan(spec, rows, {"seed": "7"})

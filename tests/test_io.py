@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.io import PickledObject, atomic_path, safe_torch_load
-from dreamdiffusion.original import pickled_attrs
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.core.files import PickledObject, atomic_path, safe_torch_load
+from dreamdiffusion.models.original_formats import pickled_attrs
 
 
 def _fake_module_class(module_name, class_name, attrs):

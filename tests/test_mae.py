@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.mae import (
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.models.mae import (
     ENCODER_PRESETS,
     EEGEncoder,
     MaskedEEGAutoencoder,

@@ -10,9 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from dreamdiffusion.classifier import load_classifier, save_local_classifier
-from dreamdiffusion.errors import CheckpointError, ConfigError
-from dreamdiffusion.metrics import (
+from dreamdiffusion.core.errors import CheckpointError, ConfigError
+from dreamdiffusion.evaluation.metrics import (
     LPIPS,
     bootstrap_ci,
     distribution_metrics,
@@ -23,6 +22,7 @@ from dreamdiffusion.metrics import (
     ssim,
     summarize,
 )
+from dreamdiffusion.models.classifier import load_classifier, save_local_classifier
 
 
 def _ranked_probs(n_classes: int, ref: int, n_lower: int) -> torch.Tensor:
@@ -137,7 +137,7 @@ def test_best_slot_follows_the_metrics_direction():
     assert low <= 0.11 <= high and high < 0.3  # the interval is of the minimum, not the maximum
     accuracy = summarize(1 - errors, n_bootstrap=50)
     assert accuracy["best_slot_index"] == 1 and accuracy["best_slot"] == pytest.approx(0.89)
-    from dreamdiffusion.metrics import LOWER_IS_BETTER
+    from dreamdiffusion.evaluation.metrics import LOWER_IS_BETTER
 
     assert {"mse", "lpips", "fid", "kid"} == LOWER_IS_BETTER
 
@@ -272,7 +272,7 @@ def test_classifier_specs(tmp_path, monkeypatch):
 
 
 def test_vit_h_14_is_the_swag_end_to_end_weights_at_518():
-    from dreamdiffusion.classifier import torchvision_weights
+    from dreamdiffusion.models.classifier import torchvision_weights
 
     weights = torchvision_weights("vit_h_14")
     assert weights.name == "IMAGENET1K_SWAG_E2E_V1"

@@ -10,9 +10,9 @@ pytest.importorskip("moabb")
 
 from moabb.datasets.fake import FakeDataset  # noqa: E402
 
+from dreamdiffusion.core.errors import run_cli  # noqa: E402
+from dreamdiffusion.data.moabb_corpus import MANIFEST_COLUMNS, CorpusSettings, build_pretrain_corpus  # noqa: E402
 from dreamdiffusion.dataset import EEGPretrainDataset  # noqa: E402
-from dreamdiffusion.errors import run_cli  # noqa: E402
-from dreamdiffusion.moabb_corpus import MANIFEST_COLUMNS, CorpusSettings, build_pretrain_corpus  # noqa: E402
 
 
 def fake(sfreq=128):
@@ -79,7 +79,7 @@ def test_second_run_skips_what_exists(tmp_path):
 
 
 def test_cli_and_errors(tmp_path, capsys):
-    from dreamdiffusion import moabb_corpus as script
+    from dreamdiffusion.data import moabb_corpus as script
     out = tmp_path / "cli"
     summary = script.main(["moabb.datasets.fake.FakeDataset", "--out", str(out), "--subjects", "1",
                            "--sfreq", "256", "--window-seconds", "30"])

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 
-from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.model import DreamDiffusion, EEGCondition, select_trainable
-from dreamdiffusion.original import write_generation_checkpoint
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, EEGCondition, select_trainable
+from dreamdiffusion.models.original_formats import write_generation_checkpoint
 from stage2_tiny import (
     IMAGE_SIZE,
     tiny_batch,
@@ -211,8 +211,8 @@ def test_from_original_checkpoint_rejects_unknown_keys(authors_setup):
 
 
 def test_time_conditioning_needs_the_identity_class_embedding():
-    from dreamdiffusion.errors import ConfigError
-    from dreamdiffusion.model import EEGConditioner
+    from dreamdiffusion.core.errors import ConfigError
+    from dreamdiffusion.models.dreamdiffusion import EEGConditioner
 
     sd = tiny_sd(time_cond=False)
     model = tiny_model(seed=7)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamdiffusion.errors import ConfigError
-from dreamdiffusion.pipeline import DreamDiffusionPipeline, make_scheduler
+from dreamdiffusion.core.errors import ConfigError
+from dreamdiffusion.models.pipeline import DreamDiffusionPipeline, make_scheduler
 from stage2_tiny import ENCODER, IMAGE_SIZE, tiny_model
 
 

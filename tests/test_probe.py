@@ -13,10 +13,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dreamdiffusion import probe
+from dreamdiffusion.core.errors import run_cli
 from dreamdiffusion.dataset import ImageNetEEGDataset
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.mae import EEGEncoder, save_eeg_encoder
+from dreamdiffusion.evaluation import probe
+from dreamdiffusion.models.mae import EEGEncoder, save_eeg_encoder
 
 TINY = dict(n_channels=8, n_times=64, patch_size=4, embed_dim=16, depth=1, num_heads=2)
 # The encoder the command is run with (the brief's tiny 128-channel, 512-sample encoder).
@@ -204,7 +204,7 @@ def test_probe_encoder_without_an_encoder_probes_random_and_raw():
 
 @pytest.fixture(scope="module")
 def probe_inputs(tmp_path_factory):
-    from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
+    from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg
 
     root = tmp_path_factory.mktemp("probe")
     paths = write_synthetic_imagenet_eeg(root / "data", n_classes=8, images_per_class=20, n_subjects=1,
@@ -240,7 +240,7 @@ def test_command_writes_the_report(probe_inputs, capsys):
 
 def test_command_exits_2_for_a_missing_encoder(probe_inputs, tmp_path):
     _, paths = probe_inputs
-    proc = subprocess.run([sys.executable, "-m", "dreamdiffusion.probe", "--encoder", str(tmp_path / "nothing"),
+    proc = subprocess.run([sys.executable, "-m", "dreamdiffusion.evaluation.probe", "--encoder", str(tmp_path / "nothing"),
                            "--eeg", str(paths["eeg_path"]), "--splits", str(paths["splits_path"])],
                           capture_output=True, text=True)
     assert proc.returncode == 2

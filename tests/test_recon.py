@@ -9,9 +9,9 @@ from scipy.spatial.distance import correlation
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
-from dreamdiffusion import recon as R
-from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.scoring import MetricNetworks, Scorer
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.evaluation import recon as R
+from dreamdiffusion.evaluation.scoring import MetricNetworks, Scorer
 
 
 def _images(n, size=32, seed=0):

@@ -6,8 +6,8 @@ import json
 import torch
 from torch import nn
 
-from dreamdiffusion.memory import MemoryEstimate, advice, estimate, saved_activation_bytes
-from dreamdiffusion.rehearsal import main
+from dreamdiffusion.core.memory import MemoryEstimate, advice, estimate, saved_activation_bytes
+from dreamdiffusion.tools.rehearsal import main
 from stage2_tiny import tiny_sd_configs, write_config_dir
 
 

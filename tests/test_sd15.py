@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from dreamdiffusion.errors import CheckpointError
-from dreamdiffusion.model import time_cond_overrides
-from dreamdiffusion.original import compvis_key_map, save_compvis_checkpoint
-from dreamdiffusion.sd15 import SD15_CONFIG_DIR, build_sd15, load_sd15, read_sd15_configs
+from dreamdiffusion.core.errors import CheckpointError
+from dreamdiffusion.models.dreamdiffusion import time_cond_overrides
+from dreamdiffusion.models.original_formats import compvis_key_map, save_compvis_checkpoint
+from dreamdiffusion.models.sd15 import SD15_CONFIG_DIR, build_sd15, load_sd15, read_sd15_configs
 from stage2_tiny import IMAGE_SIZE, tiny_sd, tiny_sd_configs, write_config_dir
 
 SD15_DIR = SD15_CONFIG_DIR

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from dreamdiffusion.config import Stage1Config, load_saved_config
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.mae import MaskedEEGAutoencoder
-from dreamdiffusion.pretrain import parameter_groups
-from dreamdiffusion.stages import STAGES
+from dreamdiffusion.config import STAGES, Stage1Config, load_saved_config
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.models.mae import MaskedEEGAutoencoder
+from dreamdiffusion.train import stage1
+from dreamdiffusion.train.stage1 import parameter_groups
 
 STAGE1 = STAGES["stage1"]
 SCRIPT = STAGE1.script_path
@@ -60,7 +60,7 @@ def test_cli_writes_everything_it_promises(corpus, tmp_path):
     from dreamdiffusion import load_eeg_encoder
 
     out = tmp_path / "run"
-    script = STAGE1
+    script = stage1
     script.main(tiny_overrides(corpus, out, **{"data.val_fraction": 0.25}))
 
     cfg = load_saved_config(Stage1Config, out / "config.yaml")
@@ -88,7 +88,7 @@ def test_cli_writes_everything_it_promises(corpus, tmp_path):
 
 
 def test_resume_after_two_epochs_equals_four_uninterrupted(corpus, tmp_path):
-    script = STAGE1
+    script = stage1
     # One loader worker: it prefetches as soon as Lightning builds the first iterator, which on resume
     # happens before the epoch counter is restored - the case that needs care.
     common = {"epochs": 4, "figure_every_n_epochs": 0, "checkpoint_every_n_epochs": 0, "trainer.num_workers": 1}
@@ -143,7 +143,7 @@ def test_two_process_ddp_on_cpu(corpus, tmp_path):
     ],
 )
 def test_bad_config_exits_with_code_2(corpus, tmp_path, capsys, override, message):
-    script = STAGE1
+    script = stage1
     assert run_cli(script.main, tiny_overrides(corpus, tmp_path / "bad") + [override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoints").exists()
@@ -152,23 +152,23 @@ def test_bad_config_exits_with_code_2(corpus, tmp_path, capsys, override, messag
 def test_a_config_file_that_is_not_a_mapping_and_a_wrong_wandb_mode(corpus, tmp_path, capsys):
     listed = tmp_path / "list.yaml"
     listed.write_text("- epochs: 2\n")
-    assert run_cli(STAGE1.main, ["--config", str(listed), *tiny_overrides(corpus, tmp_path / "a")]) == 2
+    assert run_cli(stage1.main, ["--config", str(listed), *tiny_overrides(corpus, tmp_path / "a")]) == 2
     assert "holds a list, expected a mapping" in capsys.readouterr().err
-    assert run_cli(STAGE1.main, tiny_overrides(corpus, tmp_path / "b") + ["wandb.enabled=true", "wandb.mode=onlin"]) == 2
+    assert run_cli(stage1.main, tiny_overrides(corpus, tmp_path / "b") + ["wandb.enabled=true", "wandb.mode=onlin"]) == 2
     assert "wandb.mode must be one of online, offline, disabled" in capsys.readouterr().err
 
 
 def test_resuming_with_other_model_sizes_is_a_sentence(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    STAGE1.main(tiny_overrides(corpus, out, epochs=1, warmup_epochs=0))
+    stage1.main(tiny_overrides(corpus, out, epochs=1, warmup_epochs=0))
     args = tiny_overrides(corpus, out, epochs=2, warmup_epochs=0, resume="true", **{"encoder.embed_dim": 64})
-    assert run_cli(STAGE1.main, args) == 2
+    assert run_cli(stage1.main, args) == 2
     err = capsys.readouterr().err
     assert "was not written by this stage with these model sizes" in err and "Traceback" not in err
 
 
 def test_missing_corpus_exits_with_code_2(tmp_path, capsys):
-    script = STAGE1
+    script = stage1
     assert run_cli(script.main, [f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'o'}"]) == 2
     assert "nothing" in capsys.readouterr().err
 
@@ -190,7 +190,7 @@ def test_warmup_then_half_cosine_per_optimiser_step():
     """The schedule the stage-1 module builds: linear warm-up over warmup_epochs, half-cosine to min_lr."""
     from types import SimpleNamespace
 
-    from dreamdiffusion.pretrain import MAEPretrainModule
+    from dreamdiffusion.train.stage1 import MAEPretrainModule
 
     cfg = STAGE1.build_config(overrides=["encoder.n_channels=8", "encoder.n_times=64", "encoder.embed_dim=32",
                                          "encoder.depth=1", "encoder.num_heads=4", "decoder.decoder_embed_dim=16",
@@ -212,7 +212,7 @@ def test_warmup_then_half_cosine_per_optimiser_step():
 @pytest.mark.parametrize("preset", ["large", "small"])
 def test_encoder_preset_files_match_the_code(preset):
     from dreamdiffusion.config import build_config
-    from dreamdiffusion.mae import ENCODER_PRESETS
+    from dreamdiffusion.models.mae import ENCODER_PRESETS
 
     cfg = build_config(Stage1Config, [f"configs/presets/encoder_{preset}.yaml"])
     assert {k: cfg.encoder[k] for k in ENCODER_PRESETS[preset]} == ENCODER_PRESETS[preset]

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.mae import save_eeg_encoder
-from dreamdiffusion.model import DreamDiffusion
-from dreamdiffusion.original import save_compvis_checkpoint
-from dreamdiffusion.stages import STAGES
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.models.dreamdiffusion import DreamDiffusion
+from dreamdiffusion.models.mae import save_eeg_encoder
+from dreamdiffusion.models.original_formats import save_compvis_checkpoint
+from dreamdiffusion.train import stage2
+from dreamdiffusion.train.stage2 import main as stage2_main
 from stage2_tiny import (
     CLIP_IMAGE_SIZE,
     ENCODER,
@@ -28,8 +29,8 @@ from stage2_tiny import (
 def world(tmp_path_factory):
     import timm
 
-    from dreamdiffusion.classifier import save_local_classifier
-    from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
+    from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg
+    from dreamdiffusion.models.classifier import save_local_classifier
 
     root = tmp_path_factory.mktemp("stage2")
     data = write_synthetic_imagenet_eeg(root / "data", n_classes=4, images_per_class=5, n_subjects=1,
@@ -63,7 +64,7 @@ def _rows(path):
 
 
 def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
-    script = STAGES["stage2"]
+    script = stage2
     out = world["root"] / "run"
     args = world["overrides"] + [f"output_dir={out}"]
     assert script.main(args + ["epochs=2"]) == out
@@ -110,7 +111,7 @@ def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
 def test_missing_pretrained_files_fail_before_training(world, capsys, missing, expected):
     import re
 
-    script = STAGES["stage2"]
+    script = stage2
     out = world["root"] / f"missing_{missing}"
     args = world["overrides"] + [f"output_dir={out}", "epochs=1", f"{missing}={world['root'] / 'nowhere'}"]
     assert run_cli(script.main, args) == 2
@@ -124,7 +125,7 @@ def test_each_mode_writes_its_deviations_and_trains_its_set(world, fidelity):
     # the tiny world runs on the CPU in fp32 and needs its own sizes, whatever the mode says
     args = world["overrides"] + [f"output_dir={out}", "epochs=1", f"fidelity={fidelity}", "trainer.precision=32",
                                  "batch_size=4", "data.subject=1", f"data.image_size={IMAGE_SIZE}"]
-    STAGES["stage2"].main(args)
+    stage2_main(args)
     header = (out / "config.yaml").read_text().split("\n# ")[0]
     report = json.loads((out / "metrics.json").read_text())
     lines = [d["line"] for d in report["deviations"]]

@@ -13,16 +13,15 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from dreamdiffusion.classifier import ImageClassifier, save_local_classifier
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.original import write_generation_checkpoint
-from dreamdiffusion.scoring import MetricNetworks, Scorer
-from dreamdiffusion.stages import STAGES
-from dreamdiffusion.standins import byte_tokenizer
-from dreamdiffusion.synthetic import write_synthetic_imagenet_eeg
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg
+from dreamdiffusion.evaluation import stage3
+from dreamdiffusion.evaluation.scoring import MetricNetworks, Scorer
+from dreamdiffusion.models.classifier import ImageClassifier, save_local_classifier
+from dreamdiffusion.models.original_formats import write_generation_checkpoint
+from dreamdiffusion.tools.standins import byte_tokenizer
 from stage2_tiny import ENCODER, tiny_model, tiny_sd, tiny_sd_configs, write_config_dir
 
-stage3 = STAGES["stage3"]
 N_SLOTS = 2
 
 
@@ -284,7 +283,7 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 def test_fid_from_the_saved_pngs_is_the_frechet_distance_of_their_features(world, run_a):
     out = world["root"] / "run_fid"
     from dreamdiffusion.config import Stage3Config, build_config
-    from dreamdiffusion.evaluate import run_stage3
+    from dreamdiffusion.evaluation.stage3 import run_stage3
 
     cfg = build_config(Stage3Config, overrides=[*world["args"], f"output_dir={out}", "phase=score",
                                                 f"images_dir={run_a[0] / 'images'}", "metrics=[fid,lpips]"])
@@ -320,7 +319,7 @@ def test_authors_checkpoint_runs_through_stage3_and_its_scale_factor_is_used(wor
         assert report["trials"][0]["n_way"] == pytest.approx(run_a[1]["trials"][0]["n_way"], abs=1e-6)
     else:
         assert report["protocol"]["latent_scale"].startswith("0.25 from the checkpoint's scale_factor key")
-        from dreamdiffusion.model import DreamDiffusion
+        from dreamdiffusion.models.dreamdiffusion import DreamDiffusion
 
         assert DreamDiffusion.from_original_checkpoint(path, world["root"] / "sd_config").vae.config.scaling_factor == 0.25
 
@@ -381,8 +380,8 @@ def test_retrieval_against_a_clip_of_another_width_is_refused(world, run_a, tmp_
 
 
 def test_wait_for_all_ends_with_a_sentence_when_a_rank_stops(tmp_path):
-    from dreamdiffusion.errors import DreamDiffusionError
-    from dreamdiffusion.generation import wait_for_all
+    from dreamdiffusion.core.errors import DreamDiffusionError
+    from dreamdiffusion.evaluation.generation import wait_for_all
 
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "test0.json").write_text("{}")

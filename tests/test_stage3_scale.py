@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from dreamdiffusion.stages import STAGES
+from dreamdiffusion.config import STAGES
 from test_stage3 import build_world
 
 SCRIPT = str(STAGES["stage3"].script_path)

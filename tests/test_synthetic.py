@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import SYNTHETIC_IMAGENET_EEG
-from dreamdiffusion.errors import ConfigError
-from dreamdiffusion.synthetic import (
+from dreamdiffusion.core.errors import ConfigError
+from dreamdiffusion.data.synthetic import (
     COLOURS,
     SHAPES,
     TEXTURES,

@@ -23,16 +23,16 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from dreamdiffusion.errors import ConfigError, DataError, run_cli
-from dreamdiffusion.synthetic import COLOURS, SHAPES, TEXTURES
-from dreamdiffusion.things_eeg2 import (
+from dreamdiffusion.core.errors import ConfigError, DataError, run_cli
+from dreamdiffusion.data.synthetic import COLOURS, SHAPES, TEXTURES
+from dreamdiffusion.data.synthetic_things_eeg2 import write_synthetic_things_eeg2
+from dreamdiffusion.data.things_eeg2 import (
     NICE_CH_NAMES,
     OFFICIAL_CH_NAMES,
     ThingsEEG2Dataset,
     load_pickled_npy,
     main,
     subjects_except,
-    write_synthetic_things_eeg2,
 )
 
 LAYOUT_ARGS = {
@@ -378,7 +378,7 @@ def test_plain_arrays_and_safe_pickles_load(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# `python -m dreamdiffusion.things_eeg2 check`
+# `python -m dreamdiffusion.data.things_eeg2 check`
 
 
 def test_check_passes_on_good_files(things, capsys):
@@ -397,7 +397,7 @@ def test_check_exits_2_on_a_missing_image(copy):
     meta = trusted_load(copy["metadata_path"])
     gone = copy["image_dir"] / "test_images" / meta["test_img_concepts"][0] / meta["test_img_files"][0]
     gone.unlink()
-    proc = subprocess.run([sys.executable, "-m", "dreamdiffusion.things_eeg2", "check", "--eeg-dir",
+    proc = subprocess.run([sys.executable, "-m", "dreamdiffusion.data.things_eeg2", "check", "--eeg-dir",
                            str(copy["eeg_dir"]), "--images", str(copy["image_dir"]), "--subject", "1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

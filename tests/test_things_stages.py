@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from dreamdiffusion.mae import EEGEncoder, save_eeg_encoder
-from dreamdiffusion.original import save_compvis_checkpoint
-from dreamdiffusion.stages import STAGES
-from dreamdiffusion.things_eeg2 import write_synthetic_things_eeg2
+from dreamdiffusion.data.synthetic_things_eeg2 import write_synthetic_things_eeg2
+from dreamdiffusion.evaluation.stage3 import main as stage3_main
+from dreamdiffusion.models.mae import EEGEncoder, save_eeg_encoder
+from dreamdiffusion.models.original_formats import save_compvis_checkpoint
+from dreamdiffusion.train.stage2 import main as stage2_main
 from stage2_tiny import CLIP_IMAGE_SIZE, IMAGE_SIZE, tiny_sd, tiny_sd_configs, write_config_dir
 from test_stage3 import tiny_clip_folder
 
@@ -48,7 +49,7 @@ def _presets(*names):
 @pytest.fixture(scope="module")
 def model(world):
     out = world["root"] / "stage2"
-    STAGES["stage2"].main([*_presets("things_eeg2", "things_eeg2_native_official"), *world["stage2"],
+    stage2_main([*_presets("things_eeg2", "things_eeg2_native_official"), *world["stage2"],
                            *[f"encoder.{k}={v}" for k, v in NATIVE.items()], f"output_dir={out}"])
     return out / "model"
 
@@ -63,7 +64,7 @@ def test_stage2_trains_a_native_encoder_on_the_training_concepts(world, model):
 
 def test_stage3_writes_the_fields_retrieval_table_protocol_and_skips(world, model):
     out = world["root"] / "stage3"
-    report = STAGES["stage3"].main([*world["stage3"], f"model={model}", f"output_dir={out}"])
+    report = stage3_main([*world["stage3"], f"model={model}", f"output_dir={out}"])
     table = report["metrics"]["retrieval_table"]
     assert sorted(table) == ["2-way", "4-way"]  # 4 unseen test concepts: 10..200-way do not exist here
     assert report["protocol"]["n_trials"] == 4  # repetitions averaged: one trial per test image
@@ -80,11 +81,11 @@ def test_stage3_writes_the_fields_retrieval_table_protocol_and_skips(world, mode
 
 def test_shuffled_control_and_leave_one_subject_out(world, model):
     out = world["root"] / "shuffled"
-    report = STAGES["stage3"].main([*world["stage3"], f"model={model}", f"output_dir={out}", "shuffled_labels=true",
+    report = stage3_main([*world["stage3"], f"model={model}", f"output_dir={out}", "shuffled_labels=true",
                                     "metrics=[retrieval]"])
     refs = [t["reference_image"] for t in report["trials"]]
     assert len(set(refs)) > 1 and "shuffled-labels control" in report["protocol"]["method"]
-    loso = STAGES["stage3"].main([*world["stage3"], f"model={model}", f"output_dir={world['root'] / 'loso'}",
+    loso = stage3_main([*world["stage3"], f"model={model}", f"output_dir={world['root'] / 'loso'}",
                                   "--config", f"{PRESETS}/things_eeg2_loso.yaml", "data.things_eeg2.leave_out=2",
                                   "metrics=[retrieval]"])
     assert "inter-subject: trained on the other subjects, tested on subject 2" in (
@@ -93,11 +94,11 @@ def test_shuffled_control_and_leave_one_subject_out(world, model):
 
 
 def test_a_model_and_data_of_different_sizes_are_refused_by_name(world, model, capsys):
-    from dreamdiffusion.errors import run_cli
+    from dreamdiffusion.core.errors import run_cli
 
     args = [*_presets("things_eeg2", "things_eeg2_eval"), *world["stage3"][6:], f"model={model}",
             f"output_dir={world['root'] / 'mismatch'}"]
-    assert run_cli(STAGES["stage3"].main, args) == 2
+    assert run_cli(stage3_main, args) == 2
     assert "expects [17, 100] inputs but the test EEG is [128, 512]" in capsys.readouterr().err
 
 
@@ -106,6 +107,6 @@ def test_adapted_eeg_fits_a_pretrained_128_x_512_encoder(world, tmp_path):
     encoder = save_eeg_encoder(EEGEncoder(n_channels=128, n_times=512, patch_size=16, embed_dim=32, depth=1,
                                           num_heads=2), tmp_path / "enc")
     out = tmp_path / "adapted"
-    STAGES["stage2"].main([*_presets("things_eeg2"), *world["stage2"], f"eeg_encoder_path={encoder}",
+    stage2_main([*_presets("things_eeg2"), *world["stage2"], f"eeg_encoder_path={encoder}",
                            f"output_dir={out}"])
     assert "n_channels: 128" in (out / "config.yaml").read_text()

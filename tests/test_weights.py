@@ -1,9 +1,9 @@
-"""code/download_weights.py (dreamdiffusion.weights): offline it says what to place where, and --check
+"""code/download_weights.py (dreamdiffusion.tools.weights): offline it says what to place where, and --check
 confirms files that are there; the paths are the config defaults."""
 
 from dreamdiffusion.config import Stage2Config, Stage3Config
-from dreamdiffusion.errors import run_cli
-from dreamdiffusion.weights import WEIGHTS, main
+from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.tools.weights import WEIGHTS, main
 
 
 def test_offline_it_says_what_to_place_where(tmp_path, capsys):
@@ -18,7 +18,7 @@ def test_offline_it_says_what_to_place_where(tmp_path, capsys):
 
 
 def test_a_damaged_manifest_is_named(tmp_path, capsys):
-    from dreamdiffusion.weights import MANIFEST
+    from dreamdiffusion.tools.weights import MANIFEST
 
     (tmp_path / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
     for text in ("{\n", "[1, 2]"):
@@ -32,7 +32,7 @@ def test_the_paths_are_the_config_defaults():
     assert WEIGHTS["classifier"].path == Stage3Config.classifier_weights
     assert WEIGHTS["sd15"].path == Stage2Config.sd_path == Stage3Config.oracle_sd_path
     assert WEIGHTS["clip"].path == Stage2Config.clip_path == Stage3Config.clip_path
-    from dreamdiffusion.recon import FEATURE_METRICS
+    from dreamdiffusion.evaluation.recon import FEATURE_METRICS
 
     # the reconstruction metrics' files carry the names recon.py expects
     for key, metric in (("lpips", "alexnet2"), ("inception", "inception"), ("effnet", "effnet"), ("swav", "swav")):

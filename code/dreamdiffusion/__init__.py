@@ -9,14 +9,14 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "EEGEncoder": "mae",
-    "MaskedEEGAutoencoder": "mae",
-    "load_eeg_encoder": "mae",
-    "DreamDiffusion": "model",
-    "EEGCondition": "model",
-    "DreamDiffusionPipeline": "pipeline",
-    "load_classifier": "classifier",
-    "n_way_top_k_accuracy": "metrics",
+    "EEGEncoder": "models.mae",
+    "MaskedEEGAutoencoder": "models.mae",
+    "load_eeg_encoder": "models.mae",
+    "DreamDiffusion": "models.dreamdiffusion",
+    "EEGCondition": "models.dreamdiffusion",
+    "DreamDiffusionPipeline": "models.pipeline",
+    "load_classifier": "models.classifier",
+    "n_way_top_k_accuracy": "evaluation.metrics",
     "ImageNetEEGDataset": "dataset",
     "EEGPretrainDataset": "dataset",
 }

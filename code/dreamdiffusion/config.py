@@ -10,7 +10,7 @@ came from. `--print-config` prints the resolved config and exits. The resolved c
 `config.yaml` in every output folder (`save_config`) and, as plain data, inside checkpoints.
 
 `fidelity=authors_code` (stages 1-3) swaps the paper's values for the authors' code's: the values of
-the deviations manifest (`dreamdiffusion.fidelity`) are merged right after the stage's defaults
+the deviations manifest (`dreamdiffusion.core.fidelity`) are merged right after the stage's defaults
 file, so the user's own files and overrides still win.
 
 Paths in configs are relative to the repository root unless absolute. This module is the only one
@@ -26,7 +26,7 @@ import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,9 +34,10 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import fidelity as fidelity_manifest
-from .errors import ConfigError
-from .io import atomic_write_text
+from dreamdiffusion.core import fidelity as fidelity_manifest
+from dreamdiffusion.core.errors import ConfigError
+from dreamdiffusion.core.files import atomic_write_text
+from dreamdiffusion.core.logs import configure_logging
 
 
 def _find_repo_root() -> Path:
@@ -169,7 +170,7 @@ class WandbConfig:
 
 @dataclass
 class ThingsEEG2Config:
-    """THINGS-EEG2 (Gifford et al. 2022; dreamdiffusion.things_eeg2), with data.kind=things_eeg2. The
+    """THINGS-EEG2 (Gifford et al. 2022; dreamdiffusion.data.things_eeg2), with data.kind=things_eeg2. The
     images are data.image_dir (the image set: image_metadata.npy, training_images/, test_images/)."""
 
     eeg_dir: str = path_field("datasets/things-eeg2/preprocessed_data")  # sub-XX/preprocessed_eeg_*.npy
@@ -240,7 +241,7 @@ class ProbeMonitorConfig:
 class Stage1Config:
     stage: ClassVar[str] = "stage1"
     output_dir: str = path_field("outputs/stage1")
-    # paper | authors_code: the authors' code values of the deviations manifest (dreamdiffusion.fidelity)
+    # paper | authors_code: the authors' code values of the deviations manifest (dreamdiffusion.core.fidelity)
     fidelity: str = "paper"
     seed: int = 2022
     encoder: EEGEncoderConfig = field(default_factory=EEGEncoderConfig)
@@ -290,7 +291,7 @@ class Stage2Config:
     # The UNet/VAE/scheduler configs for a single file; null = SD1.5's, shipped with the package.
     sd_config_dir: str | None = path_field(None)
     # The alignment target: a transformers CLIP folder (or hub id online), or "open_clip:<model name>"
-    # with its weights file in clip_weights (dreamdiffusion.clip_embedder).
+    # with its weights file in clip_weights (dreamdiffusion.models.clip_embedder).
     clip_path: str = path_field("pretrains/clip-vit-large-patch14", "path_or_hub")
     clip_weights: str | None = path_field(None)
     context_tokens: int = 77  # the UNet's cross-attention sees 77 EEG tokens, like SD's text
@@ -299,7 +300,7 @@ class Stage2Config:
     # instead of after it.
     pool_before_norm: bool = False
     use_time_cond: bool = True
-    # What trains (dreamdiffusion.model.select_trainable): "paper" = the EEG conditioner and the UNet's
+    # What trains (dreamdiffusion.models.dreamdiffusion.select_trainable): "paper" = the EEG conditioner and the UNet's
     # cross-attention; "authors_code" adds what their code trains besides: the encoder's pos_embed and
     # CLIP's layer_norm2, with gradients through the CLIP forward (the alignment target drifts).
     trainable: str = "paper"
@@ -391,7 +392,7 @@ class Stage3Config:
     # number of distinct images); the (n_way, top_k) cell is also the headline "retrieval".
     retrieval_ways: list[int] = field(default_factory=lambda: [2, 4, 10, 50, 100, 200])
     retrieval_top_ks: list[int] = field(default_factory=lambda: [1, 5])
-    # The reconstruction metrics of the brain-to-image literature (dreamdiffusion.recon), each from
+    # The reconstruction metrics of the brain-to-image literature (dreamdiffusion.evaluation.recon), each from
     # torchvision's weights file: alexnet2/alexnet5 (alexnet-owt-7be5be79.pth, the LPIPS file too),
     # inception (inception_v3_google-0cc3c7bd.pth), effnet (efficientnet_b1-c27df63c.pth),
     # swav (the SwAV release's swav_800ep_pretrain.pth.tar). Unset = that metric is skipped.
@@ -477,7 +478,7 @@ def build_config(
             raise ConfigError(f"fidelity must be one of {', '.join(fidelity_manifest.FIDELITIES)}, got '{fidelity}'")
         if fidelity == "authors_code":
             values = OmegaConf.from_dotlist(fidelity_manifest.authors_code_values(schema.stage))
-            cfg = _merged(schema, files + [(values, "fidelity=authors_code (dreamdiffusion.fidelity)")] + extra)
+            cfg = _merged(schema, files + [(values, "fidelity=authors_code (dreamdiffusion.core.fidelity)")] + extra)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
@@ -531,7 +532,7 @@ def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
     """
     out = Path(output_dir) / "config.yaml"
     lines = [d["line"] for d in deviations(cfg)] if hasattr(OmegaConf.get_type(cfg), "stage") else []
-    header = ["# Deviations of this run from the paper and the authors' code (dreamdiffusion.fidelity):"]
+    header = ["# Deviations of this run from the paper and the authors' code (dreamdiffusion.core.fidelity):"]
     header += [f"#   - {line}" for line in lines] or ["#   - none"]
     atomic_write_text(out, "\n".join(header) + "\n" + OmegaConf.to_yaml(cfg, resolve=True))
     return out
@@ -540,3 +541,57 @@ def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
 def load_saved_config(schema: type, path: str | os.PathLike) -> DictConfig:
     """Reload a `config.yaml` written by `save_config`, validated against `schema`."""
     return build_config(schema, [path])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three stages: each one's schema, defaults file and entry script. Torch-free, so the grid runner
+# and the demo can plan runs (and validate every row's settings) without importing a model. Each
+# stage's runner lives with its layer (`train/stage1.py`, `train/stage2.py`, `evaluation/stage3.py`)
+# and has `main(argv)`; the scripts in `code/` import those directly.
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    schema: type
+    defaults: str  # the stage's defaults file, relative to the repository root
+    script: str  # the entry script, relative to the repository root
+
+    @property
+    def defaults_path(self) -> Path:
+        return REPO_ROOT / self.defaults
+
+    @property
+    def script_path(self) -> Path:
+        return REPO_ROOT / self.script
+
+    def build_config(self, config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+        """The config the script would run with these `--config` files and `key=value` overrides."""
+        return build_config(self.schema, config_files, overrides, default_file=self.defaults_path)
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> DictConfig | None:
+        """The command line `[--config FILE]... [--print-config] [key=value]...`; None after --print-config."""
+        return parse_args(self.schema, argv, default_file=self.defaults_path, description=self.title,
+                          prog=Path(self.script).name)
+
+    def main(self, argv: Sequence[str] | None, runner: Callable[[DictConfig], Any]) -> Any:
+        """The stage's command line: parse `argv`, set up logging, then `runner(cfg)` (the stage's run)."""
+        cfg = self.parse_args(argv)
+        if cfg is None:  # --print-config
+            return None
+        configure_logging()
+        return runner(cfg)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("stage1", "Stage 1: pretrain the EEG masked autoencoder on unpaired EEG", Stage1Config,
+              "configs/stage1_pretrain.yaml", "code/stage1_pretrain_eeg.py"),
+        Stage("stage2", "Stage 2: fine-tune Stable Diffusion 1.5 on EEG with CLIP alignment", Stage2Config,
+              "configs/stage2_finetune.yaml", "code/stage2_finetune_sd.py"),
+        Stage("stage3", "Stage 3: generate images from EEG and score them with the paper's protocol", Stage3Config,
+              "configs/stage3_eval.yaml", "code/stage3_generate_eval.py"),
+    )
+}

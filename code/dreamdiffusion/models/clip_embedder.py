@@ -1,0 +1,180 @@
+"""The frozen image encoders EEG is aligned to (stage 2) and images are compared in (stage 3).
+
+The paper uses OpenAI's CLIP ViT-L/14 (`openai/clip-vit-large-patch14`): the projected image
+embedding (`image_embeds`, 768-d) of the image the subject saw. THINGS-EEG work uses OpenCLIP
+ViT-H/14 instead. Both are wrapped as an `ImageEmbedder`, which carries its library's own
+preprocessing, so the tensors fed to it are exactly what the library would make of the image:
+
+    spec                                  loaded by                     preprocessing
+    a transformers CLIP folder            CLIPVisionModelWithProjection  CLIPImageProcessorPil (the
+      (a full CLIPModel folder works)                                    classic PIL processor)
+    "open_clip:<model name>" + weights    open_clip.create_model_and_transforms   its `preprocess`
+
+A hub id is used only when the hub is reachable (`huggingface_hub.is_offline_mode()` is false).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import is_offline_mode
+from PIL import Image
+from torch import nn
+from transformers import CLIPVisionModelWithProjection
+
+from dreamdiffusion.core.errors import CheckpointError, ConfigError
+
+CLIP_HUB_ID = "openai/clip-vit-large-patch14"
+# openai/clip-vit-large-patch14's vision tower and projection (transformers CLIPVisionConfig), for
+# random-weight stand-ins at the real size (benchmarks, the rehearsal, the parameter-count test).
+CLIP_VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+OPEN_CLIP_PREFIX = "open_clip:"
+CLIP_DOWNLOAD_HINT = (
+    "download the transformers folder of openai/clip-vit-large-patch14 (config.json + "
+    "model.safetensors; `python code/download_weights.py --only clip` puts it at "
+    "pretrains/clip-vit-large-patch14) or point `clip_path` at your copy; pretrains/README.md lists "
+    "every file the project expects"
+)
+
+
+class ImageEmbedder(nn.Module):
+    """A frozen image tower with its own preprocessing.
+
+    `preprocess(image)`: a PIL image -> float [3, S, S], as its library prepares it.
+    `forward(pixel_values [B, 3, S, S])` -> projected image embeddings [B, projection_dim] (not
+    normalised; stage 2 aligns to these). `embed(images)`: PIL images -> L2-normalised [N, D].
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Callable[[Image.Image], torch.Tensor], projection_dim: int,
+                 image_size: int, name: str):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self._preprocess = preprocess
+        self.projection_dim = int(projection_dim)
+        self.image_size = int(image_size)
+        self.name = name
+        self.eval()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._preprocess(image.convert("RGB"))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> ImageEmbedder:
+        return super().train(False)  # frozen networks never leave eval mode
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+        param = next(self.parameters())
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(img) for img in images[start:start + batch_size]])
+            out.append(F.normalize(self(pixels.to(param.device, param.dtype)).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.projection_dim)
+
+
+class TransformersCLIP(ImageEmbedder):
+    """transformers' CLIPVisionModelWithProjection; `forward` returns its `image_embeds`."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).image_embeds
+
+    @classmethod
+    def from_model(cls, model: nn.Module, name: str = "transformers CLIP") -> TransformersCLIP:
+        size = model.config.image_size
+        return cls(model, ProcessorTransform(size), model.config.projection_dim, size, name)
+
+
+class OpenCLIPImage(ImageEmbedder):
+    """An OpenCLIP model's image tower; `forward` returns `encode_image` (projected)."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class ProcessorTransform:
+    """A PIL image -> float [3, size, size] through `clip_image_processor(size)` (picklable, so
+    DataLoader workers can use it)."""
+
+    def __init__(self, size: int = 224):
+        self.size = int(size)
+        self.processor = clip_image_processor(self.size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def clip_image_processor(size: int = 224):
+    """OpenAI CLIP's preprocessing at `size`: bicubic resize of the shortest side (PIL, 8-bit), centre
+    crop, OpenAI mean/std - transformers' classic `CLIPImageProcessor`, in v5 `CLIPImageProcessorPil`."""
+    # lazy: the PIL processor's module exists in transformers v5 only
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def check_clip_path(path: str | os.PathLike) -> str:
+    """The path to hand to `from_pretrained`, or a CheckpointError saying what to download."""
+    text = str(path)
+    local = Path(text)
+    if (local / "config.json").is_file():
+        return str(local)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not local.exists()
+    if looks_like_hub_id and not is_offline_mode():
+        return text
+    raise CheckpointError(f"CLIP image encoder not found at {local} (no config.json there): {CLIP_DOWNLOAD_HINT}.")
+
+
+def load_clip_image_encoder(path: str | os.PathLike = CLIP_HUB_ID, weights: str | os.PathLike | None = None
+                            ) -> ImageEmbedder:
+    """A frozen image embedder (eval mode, `requires_grad=False`) from a transformers CLIP folder (or
+    hub id), or from "open_clip:<model name>" with its weights file."""
+    if str(path).startswith(OPEN_CLIP_PREFIX):
+        return load_open_clip(str(path)[len(OPEN_CLIP_PREFIX):], weights)
+
+    source = check_clip_path(path)
+    try:
+        model, info = CLIPVisionModelWithProjection.from_pretrained(
+            source, local_files_only=Path(source).exists(), output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as err:  # transformers raises RuntimeError on size mismatches
+        raise CheckpointError(f"could not load the CLIP image encoder from {source}: {err}") from err
+    # transformers only *reports* missing or re-initialised weights; a CLIP target with random
+    # weights would silently make the alignment loss meaningless, so any of them is an error.
+    # Unexpected keys are fine: a full CLIPModel folder also holds the text tower.
+    bad = sorted(set(info.get("missing_keys", ())) | {str(k) for k in info.get("mismatched_keys", ())})
+    if bad:
+        raise CheckpointError(
+            f"the CLIP image encoder in {source} lacks or has wrongly shaped weights for {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}: expected a complete CLIP ViT folder ({CLIP_DOWNLOAD_HINT})."
+        )
+    return TransformersCLIP.from_model(model, name=f"transformers CLIP {source}")
+
+
+def load_open_clip(model_name: str, weights: str | os.PathLike | None,
+                   model_config: str | os.PathLike | None = None) -> OpenCLIPImage:
+    """An OpenCLIP model (e.g. "ViT-H-14", THINGS-EEG's usual image encoder) from a local weights file,
+    with OpenCLIP's own eval preprocessing. `model_config`: a json of an architecture OpenCLIP does not
+    ship (registered with `open_clip.add_model_config`)."""
+    import open_clip  # lazy: OpenCLIP is optional (only for `open_clip:` targets)
+
+    if model_config is not None:
+        open_clip.add_model_config(str(model_config))
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"OpenCLIP has no model '{model_name}' (e.g. ViT-H-14, ViT-L-14, ViT-B-32)")
+    if weights is None or not Path(weights).is_file():
+        raise CheckpointError(f"OpenCLIP '{model_name}' needs its weights file (clip_weights), not found: {weights}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
+    except (RuntimeError, OSError, ValueError) as err:
+        raise CheckpointError(f"could not load OpenCLIP '{model_name}' from {weights}: {err}") from err
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
+    return OpenCLIPImage(model, preprocess, embed_dim, size, f"OpenCLIP {model_name} ({weights})")
