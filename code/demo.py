@@ -3,7 +3,7 @@
     python code/demo.py            # ~9 min on 2 CPU cores: builds the world once, then the demo's grid
     python code/demo.py --quick    # a much smaller world and runs (the test in `make test`)
 
-What it builds and runs, and what it writes: dreamdiffusion/tools/demo.py and the README's demo section.
+What it builds and runs, and what it writes: dreamdiffusion/tools/demo.py and docs/demo.md.
 """
 
 import os
