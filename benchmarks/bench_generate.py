@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     model = build(args.sd_config_dir, args.image_size, args.encoder, device, dtype)
-    pipe = DreamDiffusionPipeline(model)
+    pipe = DreamDiffusionPipeline.from_model(model)
     pipe.set_progress_bar_config(disable=True)
     eeg = torch.randn(args.n_trials, 128, 512)
 

@@ -11,6 +11,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from dreamdiffusion.core.errors import CheckpointError
 from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, EEGCondition, select_trainable
 from dreamdiffusion.models.original_formats import write_generation_checkpoint
+from dreamdiffusion.models.pipeline import DreamDiffusionPipeline
 from stage2_tiny import (
     IMAGE_SIZE,
     tiny_batch,
@@ -140,13 +141,14 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():  # perturb the trainable parts so a reload of fresh weights would show
         for p in model.conditioner.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "model")
+    DreamDiffusionPipeline.from_model(model).save_pretrained(tmp_path / "model")
     loaded = DreamDiffusion.from_pretrained(tmp_path / "model")
     inputs = _noise_inputs(model)
     with torch.no_grad():
         assert torch.equal(model.predict_noise(*inputs), loaded.predict_noise(*inputs))
-    assert loaded.clip_encoder is None and loaded.settings() == model.settings()
-    with pytest.raises(CheckpointError, match="dreamdiffusion.json is missing"):
+    assert loaded.clip_encoder is None and loaded.conditioner.sizes == model.conditioner.sizes
+    assert loaded.conditioner.encoder.config == model.conditioner.encoder.config
+    with pytest.raises(CheckpointError, match="not a DreamDiffusion model folder"):
         DreamDiffusion.from_pretrained(tmp_path)
 
 

@@ -11,8 +11,13 @@ from stage2_tiny import ENCODER, IMAGE_SIZE, tiny_model
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = DreamDiffusionPipeline(tiny_model(seed=0).eval())
+def model():
+    return tiny_model(seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    pipe = DreamDiffusionPipeline.from_model(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -43,8 +48,7 @@ def test_same_seed_same_images_and_batch_independence(pipe, eeg):
 
 
 @pytest.mark.parametrize("sampler", ["plms", "ddim", "dpm++"])
-def test_samplers_run_and_differ_from_the_noise(pipe, eeg, sampler):
-    model = pipe.model
+def test_samplers_run_and_differ_from_the_noise(pipe, model, eeg, sampler):
     noise = torch.randn(1, model.latent_channels, model.latent_size, model.latent_size,
                         generator=torch.Generator().manual_seed(9))
     kwargs = dict(num_images_per_eeg=1, sampler=sampler, latents=noise)
@@ -61,9 +65,8 @@ def test_samplers_run_and_differ_from_the_noise(pipe, eeg, sampler):
     assert not torch.allclose(out, pipe(eeg[:1], num_inference_steps=4, **kwargs).images)
 
 
-def test_given_latents_replace_the_seeded_noise(pipe, eeg):
+def test_given_latents_replace_the_seeded_noise(pipe, model, eeg):
     """`latents=` as in diffusers: the same initial noise gives the same images, whatever the generator."""
-    model = pipe.model
     noise = torch.randn(2 * 2, model.latent_channels, model.latent_size, model.latent_size,
                         generator=torch.Generator().manual_seed(3))
     kwargs = dict(num_images_per_eeg=2, num_inference_steps=2)
@@ -106,10 +109,9 @@ def _ldm_plms(eps, x, alphas_cumprod, steps):
     return x, calls
 
 
-def test_plms_is_ldm_plms(pipe, eeg):
+def test_plms_is_ldm_plms(pipe, model, eeg):
     """diffusers' PNDM with skip_prk_steps (our "plms") against LDM's update equations on a tiny UNet:
     the same S + 1 UNet calls and the same latents after 10 steps."""
-    model = pipe.model
     condition = model.encode_eeg(eeg[:2])
     calls = []
 
@@ -159,11 +161,11 @@ def test_output_types(pipe, eeg):
 
 
 def test_plms_matches_the_authors_timesteps(pipe):
-    plms = make_scheduler(pipe.model.noise_scheduler.config, "plms")
+    plms = make_scheduler(pipe.scheduler.config, "plms")
     plms.set_timesteps(250)
     # LDM's PLMSSampler: 250 uniform steps 997, 993, ..., 1 (ddim_discretize "uniform" + 1)
     assert sorted(set(plms.timesteps.tolist()), reverse=True) == list(range(997, 0, -4))
-    ddim = make_scheduler(pipe.model.noise_scheduler.config, "ddim")
+    ddim = make_scheduler(pipe.scheduler.config, "ddim")
     assert ddim.config.set_alpha_to_one is False and ddim.config.steps_offset == 1
 
 

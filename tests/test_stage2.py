@@ -3,6 +3,7 @@ train, validate (loss, images, top-1), checkpoint, resume, export - and the earl
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -96,6 +97,10 @@ def test_cli_trains_validates_checkpoints_resumes_and_exports(world):
     selection = json.loads((out / "model" / "selection.json").read_text())
     assert selection["export"] == "best" and selection["chosen_on"] == "val"
     assert selection["epoch"] in (0, 1) and selection["monitor"] == "val/top1"
+    # the folder is a diffusers pipeline with its model card (the val figures of the exported epoch)
+    assert json.loads((out / "model" / "model_index.json").read_text())["_class_name"] == "DreamDiffusionPipeline"
+    card = (out / "model" / "README.md").read_text()
+    assert "## Validation figures" in card and f"| exported epoch | {selection['epoch']} |" in card
 
     # resume: one more epoch continues from last.ckpt and keeps the earlier rows
     assert script.main(args + ["epochs=3", "resume=true"]) == out
@@ -140,3 +145,93 @@ def test_each_mode_writes_its_deviations_and_trains_its_set(world, fidelity):
     assert (int(clip_row.split()[1].replace(",", "")) > 0) == (fidelity == "authors_code")
     training = json.loads((out / "model" / "training.json").read_text())
     assert training["deviations"] == report["deviations"] and training["config"]["fidelity"] == fidelity
+
+
+def test_the_clip_cache_gives_the_numbers_the_step_computes_and_is_reused(world, caplog):
+    """Work done once: the CLIP embeddings of the un-augmented images are computed when the fit starts,
+    kept in <output_dir>/cache, and the run's losses are those of the per-step computation."""
+    import logging
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from dreamdiffusion.dataset import paired_dataset
+    from dreamdiffusion.models.clip_embedder import load_clip_image_encoder
+
+    common = world["overrides"] + ["epochs=1", "classifier=null", "trainer.precision=32"]
+    per_step, cached = world["root"] / "per_step", world["root"] / "cached"
+    stage2_main(common + [f"output_dir={per_step}", "cache_clip_embeddings=false"])
+    with caplog.at_level(logging.INFO, logger="dreamdiffusion.data.stage2_cache"):
+        stage2_main(common + [f"output_dir={cached}"])
+    assert not (per_step / "cache").exists()
+    [cache_file] = (cached / "cache").glob("clip_embeds-*.safetensors")
+    assert "clip_embeds of 16 images computed" in caplog.text  # the images of the train and val splits
+    a, b = _rows(per_step / "metrics.csv")[0], _rows(cached / "metrics.csv")[0]
+    for term in ("train_loss", "train_clip", "val_loss", "val_clip"):
+        assert float(a[term]) == pytest.approx(float(b[term]), rel=1e-5, abs=1e-7), term
+
+    # the cached rows are the CLIP tower's outputs on each image's own preprocessing
+    clip_path = next(o.split("=", 1)[1] for o in world["overrides"] if o.startswith("clip_path="))
+    encoder = load_clip_image_encoder(clip_path)
+    data_cfg = stage2.resolved(stage2.STAGES["stage2"].build_config(overrides=common)).data
+    dataset = paired_dataset(data_cfg, "train")
+    with safe_open(str(cache_file), framework="pt") as f:
+        rows, names = f.get_tensor("rows"), json.loads(f.metadata()["names"])
+    for i in range(0, len(dataset), 5):
+        path = str(dataset.image_path(i))
+        pixels = encoder.preprocess(Image.open(path).convert("RGB"))
+        with torch.no_grad():
+            expected = encoder(pixels[None])[0]
+        torch.testing.assert_close(rows[names.index(path)], expected, rtol=1e-5, atol=1e-6)
+
+    # a second run with the same cache folder reads it; a changed image gives another file
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dreamdiffusion.data.stage2_cache"):
+        stage2_main(common + [f"output_dir={world['root'] / 'again'}", f"cache_dir={cached / 'cache'}"])
+    assert f"clip_embeds of 16 images read from {cache_file}" in caplog.text
+    image = names[0]
+    os.utime(image)
+    stage2_main(common + [f"output_dir={world['root'] / 'touched'}", f"cache_dir={cached / 'cache'}"])
+    assert len(list((cached / "cache").glob("clip_embeds-*.safetensors"))) == 2
+
+
+def test_cache_latents_turns_the_crop_off_and_says_so(world):
+    out = world["root"] / "latents"
+    stage2_main(world["overrides"] + [f"output_dir={out}", "epochs=1", "classifier=null", "cache_latents=true"])
+    assert len(list((out / "cache").glob("latent_moments-*.safetensors"))) == 1
+    assert len(list((out / "cache").glob("clip_embeds-*.safetensors"))) == 1
+    config = (out / "config.yaml").read_text()
+    assert "cache_latents true: paper not stated, authors' code false" in config
+    assert float(_rows(out / "metrics.csv")[0]["train_loss"]) > 0
+
+
+def test_selection_audit_keeps_test_scores_aside_and_reports_the_authors_pick(world):
+    out = world["root"] / "audited"
+    args = world["overrides"] + [f"output_dir={out}", "epochs=2", "selection_audit=true", "audit_trials=2",
+                                 "audit_slots=2"]
+    assert stage2.main(args) == out
+    audit = json.loads((out / "selection_audit.json").read_text())
+    assert [r["epoch"] for r in audit["epochs"]] == [0, 1] and all(len(r["per_slot"]) == 2 for r in audit["epochs"])
+    assert "first 2 test trials" in audit["rule"]
+    # never used to choose: the export is the best val top-1 of metrics.csv, whatever the test figures say
+    rows = _rows(out / "metrics.csv")
+    selection = json.loads((out / "model" / "selection.json").read_text())
+    assert selection["monitor"] == "val/top1" and not any("audit" in k or "test" in k for k in rows[0])
+    best_val = max(float(r["val_top1"]) for r in rows)
+    assert float(rows[selection["epoch"]]["val_top1"]) == best_val
+    summary = audit["summary"]
+    by_epoch = {r["epoch"]: r["best_slot"] for r in audit["epochs"]}
+    assert summary["test_picked_figure"] == max(by_epoch.values()) == by_epoch[summary["test_picked_epoch"]]
+    assert summary["val_picked_epoch"] == selection["epoch"]
+    assert summary["inflation"] == pytest.approx(summary["test_picked_figure"] - by_epoch[selection["epoch"]])
+    assert json.loads((out / "metrics.json").read_text())["summary"]["selection_audit"] == summary
+    assert "selection audit: inflation from choosing on test" in (out / "results.md").read_text()
+
+
+def test_selection_audit_needs_a_classifier(world, capsys):
+    from dreamdiffusion.core.errors import run_cli
+
+    out = world["root"] / "audit_without_classifier"
+    assert run_cli(stage2.main, world["overrides"] + [f"output_dir={out}", "selection_audit=true",
+                                                     "classifier=null"]) == 2
+    assert "selection_audit=true scores test images with the n-way classifier" in capsys.readouterr().err

@@ -4,6 +4,8 @@ format, controls, and bad input. (Resume after SIGKILL and 2-process sharding: t
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from dreamdiffusion.evaluation import stage3
 from dreamdiffusion.evaluation.scoring import MetricNetworks, Scorer
 from dreamdiffusion.models.classifier import ImageClassifier, save_local_classifier
 from dreamdiffusion.models.original_formats import write_generation_checkpoint
+from dreamdiffusion.models.pipeline import DreamDiffusionPipeline
 from dreamdiffusion.tools.standins import byte_tokenizer
 from stage2_tiny import ENCODER, tiny_model, tiny_sd, tiny_sd_configs, write_config_dir
 
@@ -43,7 +46,7 @@ def build_world(root):
     data = write_synthetic_imagenet_eeg(root / "data", n_classes=4, images_per_class=4, n_subjects=1,
                                         image_size=32, split_fractions=(0.5, 0.2, 0.3))
     model = tiny_model(seed=0, clip=None)
-    model.save_pretrained(root / "model")
+    DreamDiffusionPipeline.from_model(model).save_pretrained(root / "model")
     (root / "model" / "selection.json").write_text(json.dumps({"split": "val", "metric": "val n-way", "epoch": 3}))
     write_generation_checkpoint(model, root / "authors" / "checkpoint.pth")
     write_config_dir(root / "sd_config", *tiny_sd_configs())
@@ -119,6 +122,10 @@ def test_end_to_end_writes_the_promised_files_and_is_seeded(world, run_a):
     assert "5-way top-1 (mean over 2 slots)" in md and "## Protocol" in md and "plms" in md
     assert "**subject**: 1" in md and "test (split_index 0" in md and "exact expectation" in md
     assert "## Deviations from the paper and the authors' code" in md and "n_way_trials null" in md
+    # the split's hygiene as generation saw it: no image on two sides; every test trial shares its class's block
+    block = saved["split_hygiene"]["block_design"]
+    assert saved["split_hygiene"]["repeated"] == [] and block["test_trials_sharing_a_block_with_training"] == n
+    assert "## Split hygiene" in md and "records no presentation order" in md
     assert (out / "config.yaml").read_text().startswith("# Deviations of this run")
     assert _png(out / "images" / "test0-0.png").shape == (16, 16, 3)  # the ground truth, at the model's size
     # same seed, different batching and a shorter run: the same images (to the last bit of a float)
@@ -377,6 +384,23 @@ def test_retrieval_against_a_clip_of_another_width_is_refused(world, run_a, tmp_
     assert run_cli(stage3.main, args) == 2
     err = capsys.readouterr().err
     assert "retrieval" in err and "16" in err and "24" in err
+
+
+def test_the_score_phase_does_not_import_the_generation_stack(world, run_a, tmp_path):
+    """phase=score reads PNGs and records back from disk: diffusers is imported only to generate."""
+    script = ("import sys\n"
+              "from dreamdiffusion.evaluation.stage3 import main\n"
+              "main(sys.argv[1:])\n"
+              "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers')\n"
+              "assert not loaded, f'phase=score imported {loaded[:3]}'\n"
+              "import dreamdiffusion.evaluation.generation\n"
+              "assert 'diffusers' in sys.modules  # the check above can see the generation stack\n")
+    out = tmp_path / "scores"
+    args = [*world["args"], f"output_dir={out}", "phase=score", f"images_dir={run_a[0] / 'images'}",
+            "metrics=[n_way,mse,clip_similarity,retrieval]"]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["n_way"]["mean"] >= 0
 
 
 def test_wait_for_all_ends_with_a_sentence_when_a_rank_stops(tmp_path):

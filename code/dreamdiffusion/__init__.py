@@ -14,6 +14,7 @@ _LAZY = {
     "load_eeg_encoder": "models.mae",
     "DreamDiffusion": "models.dreamdiffusion",
     "EEGCondition": "models.dreamdiffusion",
+    "EEGConditioner": "models.dreamdiffusion",
     "DreamDiffusionPipeline": "models.pipeline",
     "load_classifier": "models.classifier",
     "n_way_top_k_accuracy": "evaluation.metrics",

@@ -15,6 +15,9 @@ exactly the batches an uninterrupted single-process run computes: the PNGs are b
 Several processes (Lightning Fabric, or torchrun): batch b goes to rank b mod world_size; each rank
 writes its own trials; rank 0 then waits (at most `rank_timeout_s`) until every trial is recorded,
 and writes `generation.jsonl` (all records, in order) for the score phase.
+
+The phase, as `evaluation.stage3` runs it: `prepare_run` once before the processes start, then
+`generate_images` in each process. Only this phase imports the generation stack (diffusers).
 """
 
 from __future__ import annotations
@@ -29,19 +32,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from dreamdiffusion.core.errors import CheckpointError, ConfigError, DataError, DreamDiffusionError
-from dreamdiffusion.core.files import atomic_path, atomic_write_json, atomic_write_text
+from dreamdiffusion.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DreamDiffusionError,
+    NonFiniteError,
+)
+from dreamdiffusion.core.files import atomic_path, atomic_write_json, atomic_write_text, read_own_json
+from dreamdiffusion.core.images import to_uint8
+from dreamdiffusion.core.precision import numerics_record
+from dreamdiffusion.core.run_folder import check_export
+from dreamdiffusion.dataset import paired_dataset
 from dreamdiffusion.models.clip_embedder import check_clip_path
-from dreamdiffusion.models.dreamdiffusion import CONFIG_NAME, DreamDiffusion
-from dreamdiffusion.models.pipeline import DEFAULT_STEPS, DreamDiffusionPipeline
+from dreamdiffusion.models.pipeline import DreamDiffusionPipeline, NonFiniteLatentsError
+from dreamdiffusion.models.sampling import DEFAULT_STEPS
 from dreamdiffusion.models.sd15 import load_sd15
 
 logger = logging.getLogger(__name__)
@@ -56,6 +69,84 @@ AUTHORS_SELECTION = ("chosen by the authors on the TEST split (best max-over-5-s
 
 
 # ---------------------------------------------------------------------------------------------
+# The generate phase
+
+
+def prepare_run(cfg: DictConfig, out_dir: Path) -> None:
+    """Check an earlier generation in `out_dir` against these settings (or clear it, with
+    `overwrite`) and record them in generation.json. Run once, before the other processes start, so
+    that they find the settings agreed."""
+    settings = generation_settings(cfg)
+    prepare_output(out_dir, settings, cfg.overwrite)
+    forget_damaged_trials(out_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "generation.json", {"settings": settings})
+
+
+def generate_images(cfg: DictConfig, out_dir: Path, rank: int, world: int, device: torch.device,
+                    dtype: torch.dtype, progress: bool) -> dict[str, Any]:
+    """This process's trials (cfg with resolved paths); rank 0 then waits for the others and writes
+    generation.json and generation.jsonl. Returns this process's runtime figures (runtime.json)."""
+    pipe, model_info, selection = load_generator(cfg)  # fp32 from the files; the UNet and VAE then in `dtype`
+    pipe.unet.to(dtype)
+    pipe.vae.to(dtype)  # the EEG conditioner stays fp32 (it runs once per batch; stage 2 trained fp32 weights)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    dataset = paired_dataset(_data_at(cfg, pipe.image_size), cfg.split)
+    if not cfg.class_oracle:
+        check_eeg_fits(pipe, cfg, dataset)
+    n_trials = len(dataset) if cfg.max_trials is None else min(cfg.max_trials, len(dataset))
+    references = shuffled_references(dataset.labels, cfg.seed) if cfg.shuffled_labels else list(range(len(dataset)))
+    notes: list[str] = []
+    contexts, null_context = oracle_contexts(cfg, pipe, dataset.wnids, device, notes) if cfg.class_oracle else (None, None)
+    steps = cfg.num_inference_steps or DEFAULT_STEPS[cfg.sampler]
+    sampling = dict(num_images_per_eeg=cfg.num_images_per_eeg, num_inference_steps=steps, sampler=cfg.sampler,
+                    eta=cfg.eta, guidance_scale=cfg.guidance_scale, null_condition=cfg.null_condition)
+    job = GenerationJob(cfg, out_dir, pipe, dataset, references, contexts, sampling, null_context)
+    started = time.perf_counter()
+    generated = job.run(batches_of_rank(n_trials, cfg.batch_size, rank, world), progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    runtime = _speed(cfg, time.perf_counter() - started, generated, steps, device)
+    if rank == 0:
+        if world > 1:
+            wait_for_all(out_dir, n_trials, cfg.rank_timeout_s, progress=progress)
+        header = generation_header(cfg, pipe, model_info, selection, n_trials, len(dataset), dtype, device)
+        atomic_write_json(out_dir / "generation.json", {**header, "notes": notes, "world_size": world,
+                                                         "split_hygiene": dataset.hygiene.record()})
+        write_jsonl(out_dir, n_trials)
+    return runtime
+
+
+def _speed(cfg: DictConfig, seconds: float, generated: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """The generation's speed and the GPU's peak memory, for runtime.json."""
+    calls = steps + 1 if cfg.sampler == "plms" else steps  # PLMS: one extra call in its first step
+    images = generated * max(cfg.num_images_per_eeg, 1)
+    out = {"generation_seconds": round(seconds, 2), "trials_generated": generated, "unet_calls_per_image": calls,
+           "device": str(device), "seconds_per_step": round(seconds / (images * calls), 4) if generated else None}
+    if device.type == "cuda":
+        out["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def check_eeg_fits(pipe: DreamDiffusionPipeline, cfg: DictConfig, dataset) -> None:
+    """The model's EEG encoder takes the split's EEG shape [n_channels, n_times], or a ConfigError."""
+    expected = tuple(pipe.conditioner.encoder.config[k] for k in ("n_channels", "n_times"))
+    if expected != (dataset.n_channels, dataset.n_times):
+        fix = ("set data.n_times, or use the EEG file the model was trained on" if cfg.data.kind == "imagenet_eeg" else
+               f"set data.things_eeg2.n_channels={expected[0]} data.things_eeg2.n_times={expected[1]} (null = the "
+               "file's native size; configs/presets/things_eeg2_native.yaml)")
+        raise ConfigError(f"the model's EEG encoder ({cfg.model}) expects [{expected[0]}, {expected[1]}] inputs but the "
+                          f"{cfg.split} EEG is [{dataset.n_channels}, {dataset.n_times}]: {fix}")
+
+
+def _data_at(cfg: DictConfig, image_size: int) -> DictConfig:
+    """The data config with the model's image size (the ground truth is written at the output size)."""
+    data = OmegaConf.to_container(cfg.data)
+    return OmegaConf.create({**data, "image_size": image_size})
+
+
+# ---------------------------------------------------------------------------------------------
 # The class-name oracle: base SD1.5 conditioned on text
 
 
@@ -63,36 +154,6 @@ AUTHORS_SELECTION = ("chosen by the authors on the TEST split (best max-over-5-s
 class TextCondition:
     context: torch.Tensor  # [B, 77, cross_attention_dim]: CLIP text states, as SD1.5 was trained
     time_embedding: torch.Tensor | None = None
-
-
-class TextConditionedSD(nn.Module):
-    """SD1.5's UNet + VAE conditioned on text, with DreamDiffusion's sampling API (for the pipeline)."""
-
-    def __init__(self, unet: nn.Module, vae: nn.Module, noise_scheduler):
-        super().__init__()
-        self.unet, self.vae, self.noise_scheduler = unet.eval(), vae.eval(), noise_scheduler
-        self.null_context: torch.Tensor | None = None  # [1, 77, D]: the empty prompt's text states
-        self.latent_scale_source = "the VAE config"
-
-    vae_scale_factor = property(lambda self: 2 ** (len(self.vae.config.block_out_channels) - 1))
-    latent_channels = property(lambda self: self.unet.config.in_channels)
-    latent_size = property(lambda self: self.unet.config.sample_size)
-    image_size = property(lambda self: self.latent_size * self.vae_scale_factor)
-    device = property(lambda self: next(self.unet.parameters()).device)
-    dtype = property(lambda self: next(self.unet.parameters()).dtype)
-
-    def denoise(self, noisy_latents, timesteps, condition: TextCondition) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps,
-                         encoder_hidden_states=condition.context.to(noisy_latents.dtype)).sample
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-
-    def null_condition(self, n: int) -> TextCondition:
-        """SD's own unconditional input (the empty prompt), for guidance with null_condition="learned"."""
-        if self.null_context is None:
-            raise ConfigError("the class oracle's null condition needs the empty prompt's text states")
-        return TextCondition(self.null_context.expand(n, -1, -1).to(self.device))
 
 
 @torch.no_grad()
@@ -138,60 +199,64 @@ def _selection_record(folder: Path) -> str:
     for name, key in (("selection.json", None), ("dreamdiffusion.json", "selection")):
         path = folder / name
         if path.is_file():
-            data = json.loads(path.read_text())
-            record = data if key is None else data.get(key)
+            data = read_own_json(path, f"delete {folder} and rerun stage 2 with resume=true in {folder.parent} to "
+                                       "export it again", CheckpointError)
+            record = data if key is None or not isinstance(data, dict) else data.get(key)
             if record:
                 return record if isinstance(record, str) else json.dumps(record, sort_keys=True)
     return "unknown: the model folder records no checkpoint selection (selection.json)"
 
 
-def training_deviations(model_path: Path) -> list[dict[str, Any]] | None:
-    """The deviations stage 2 recorded for a model folder (`training.json`), if any."""
-    path = model_path / "training.json"
-    if model_path.is_dir() and path.is_file():
-        return json.loads(path.read_text()).get("deviations")
-    return None
-
-
-def load_model(path: str | Path, sd_config_dir: str | None):
-    """(DreamDiffusion, description of the checkpoint, how it was selected) from our folder or the
-    authors' generation checkpoint."""
-
+def load_model(path: str | Path, sd_config_dir: str | None,
+               dtype: torch.dtype | None = None) -> tuple[DreamDiffusionPipeline, str, str]:
+    """(the pipeline in `dtype`, description of the checkpoint, how it was selected) from our folder
+    (DreamDiffusionPipeline.save_pretrained's, or an earlier version's) or the authors' generation checkpoint."""
     source = Path(path)
     if not source.exists():
-        raise CheckpointError(f"model not found: {source} (expected a stage-2 save_pretrained folder with "
-                              f"{CONFIG_NAME}, or the authors' generation checkpoint .pth)")
+        raise CheckpointError(f"model not found: {source} (expected a stage-2 model folder with model_index.json, "
+                              "or the authors' generation checkpoint .pth)")
     if source.is_dir():
-        model = DreamDiffusion.from_pretrained(source)
-        return model, f"our save_pretrained folder {source}", _selection_record(source)
-    model = DreamDiffusion.from_original_checkpoint(source, sd_config=sd_config_dir)
-    return model, f"authors'-format generation checkpoint {source}", AUTHORS_SELECTION
+        remedy = f"delete {source} and rerun stage 2 with resume=true in {source.parent} to export it again"
+        check_export(source, "stage-2 model export", remedy)
+        try:
+            pipe = DreamDiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        except DreamDiffusionError as err:
+            raise CheckpointError(f"{str(err).rstrip('.')}; {remedy}") from err
+        # A damaged file of the folder fails in its library's own way (SafetensorError, JSONDecodeError,
+        # KeyError, OSError, ...): each means the folder cannot be used as it is.
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"the model folder {source} could not be loaded ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}); {remedy}") from err
+        return pipe, f"our save_pretrained folder {source}", _selection_record(source)
+    pipe = DreamDiffusionPipeline.from_original_checkpoint(source, sd_config=sd_config_dir, torch_dtype=dtype)
+    return pipe, f"authors'-format generation checkpoint {source}", AUTHORS_SELECTION
 
 
-def load_generator(cfg: DictConfig) -> tuple[nn.Module, str, str]:
-    """(model with the sampling API, what it is, how its checkpoint was selected)."""
+def load_generator(cfg: DictConfig, dtype: torch.dtype | None = None) -> tuple[DreamDiffusionPipeline, str, str]:
+    """(the pipeline, what it is, how its checkpoint was selected); for the class-name oracle, base
+    SD1.5 without an EEG conditioner (each call passes the text states as its `condition`)."""
     if not cfg.class_oracle:
-        return load_model(cfg.model, cfg.sd_config_dir)
-
+        return load_model(cfg.model, cfg.sd_config_dir, dtype)
     sd = load_sd15(cfg.oracle_sd_path, cfg.sd_config_dir)
-    return TextConditionedSD(sd.unet, sd.vae, sd.noise_scheduler), f"base SD1.5 {cfg.oracle_sd_path} (no EEG)", \
-        "not applicable"
+    pipe = DreamDiffusionPipeline(conditioner=None, unet=sd.unet, vae=sd.vae, scheduler=sd.noise_scheduler)
+    pipe.latent_scale_source = sd.latent_scale_source
+    pipe = pipe if dtype is None else pipe.to(dtype=dtype)
+    return pipe, f"base SD1.5 {cfg.oracle_sd_path} (no EEG)", "not applicable"
 
 
-def oracle_contexts(cfg: DictConfig, model: TextConditionedSD, wnids: Sequence[str], device,
-                    notes: list[str]) -> torch.Tensor:
-    """Text states [n_classes, 77, D] of the oracle prompt per class; sets the model's null context
-    (the empty prompt, SD's own unconditional input) for guidance."""
+def oracle_contexts(cfg: DictConfig, pipe: DreamDiffusionPipeline, wnids: Sequence[str], device,
+                    notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states [n_classes, 77, D] of the oracle prompt per class, and the empty prompt's [1, 77, D]
+    (SD's own unconditional input: the null condition of guidance with null_condition="learned")."""
     names, note = class_names(cfg.class_names_path, wnids)
     if note:
         notes.append(note)
     prompts = [cfg.oracle_prompt.format(name) for name in names]
     contexts = text_contexts(cfg.oracle_text_encoder_path or cfg.clip_path, [*prompts, ""], device)
-    if contexts.shape[-1] != model.unet.config.cross_attention_dim:
+    if contexts.shape[-1] != pipe.unet.config.cross_attention_dim:
         raise ConfigError(f"the text encoder's width {contexts.shape[-1]} does not match the UNet's "
-                          f"cross-attention dim {model.unet.config.cross_attention_dim}")
-    model.null_context = contexts[-1:]
-    return contexts[:-1]
+                          f"cross-attention dim {pipe.unet.config.cross_attention_dim}")
+    return contexts[:-1], contexts[-1:]
 
 
 def shuffled_references(labels: Sequence[int], seed: int) -> list[int]:
@@ -255,6 +320,55 @@ def prepare_output(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
             (out_dir / name).unlink(missing_ok=True)
 
 
+PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _png_intact(path: Path) -> bool:
+    """The file is a PNG written to its end (its signature first, its IEND chunk last): cheap, no decode."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(-len(PNG_END), 2)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def _trial_problem(out_dir: Path, i: int, cfg: DictConfig) -> str | None:
+    """Why recorded trial i cannot be scored (a file missing or damaged), or None."""
+    try:
+        record = json.loads((out_dir / "records" / f"test{i}.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"records/test{i}.json is damaged"
+    if not isinstance(record, dict) or record.get("index") != i:
+        return f"records/test{i}.json is damaged"
+    slots = range(cfg.num_images_per_eeg + 1) if cfg.save_images else ()
+    broken = [k for k in slots if not _png_intact(out_dir / "images" / f"test{i}-{k}.png")]
+    if broken:
+        return f"images/test{i}-{broken[0]}.png is missing or damaged"
+    if record.get("eeg_embedding"):
+        try:
+            np.load(out_dir / "records" / record["eeg_embedding"], allow_pickle=False)
+        except (OSError, ValueError, EOFError, TypeError):
+            return f"records/{record['eeg_embedding']} is missing or damaged"
+    return None
+
+
+def forget_damaged_trials(out_dir: Path, cfg: DictConfig) -> None:
+    """Resume: a recorded trial whose record, PNGs or embedding is missing or damaged loses its record,
+    so that this run generates it again (its batch is recomputed: the same bytes as before)."""
+    forgotten = []
+    for i in sorted(done_trials(out_dir)):
+        problem = _trial_problem(out_dir, i, cfg)
+        if problem:
+            (out_dir / "records" / f"test{i}.json").unlink(missing_ok=True)
+            forgotten.append(f"trial {i}: {problem}")
+    if forgotten:
+        (out_dir / "generation.jsonl").unlink(missing_ok=True)
+        logger.warning("%s: %d recorded trial(s) will be generated again (%s)", out_dir, len(forgotten),
+                       "; ".join(forgotten[:5]) + ("; ..." if len(forgotten) > 5 else ""))
+
+
 def done_trials(out_dir: Path) -> set[int]:
     """Trials whose record is written (their PNGs and embedding were written before it)."""
     records = out_dir / "records"
@@ -292,7 +406,8 @@ def wait_for_all(out_dir: Path, n_trials: int, timeout_s: float, poll_s: float =
 
 def write_jsonl(out_dir: Path, n_trials: int) -> list[dict[str, Any]]:
     """`generation.jsonl`: every trial's record, in order (rank 0, once all are done)."""
-    records = [json.loads((out_dir / "records" / f"test{i}.json").read_text()) for i in range(n_trials)]
+    records = [read_own_json(out_dir / "records" / f"test{i}.json", "run the same command again: a resumed "
+                             "generation writes a damaged trial again") for i in range(n_trials)]
     atomic_write_text(out_dir / "generation.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return records
 
@@ -308,7 +423,7 @@ def save_png(path: Path, array: np.ndarray) -> None:
 
 def ground_truth_uint8(image: torch.Tensor) -> np.ndarray:
     """A dataset image [3, S, S] in [-1, 1] -> uint8 [S, S, 3] (what test{i}-0.png holds)."""
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_uint8(image)
 
 
 @dataclass
@@ -317,12 +432,12 @@ class GenerationJob:
 
     cfg: DictConfig  # resolved stage-3 config
     out_dir: Path
-    model: nn.Module
     pipe: DreamDiffusionPipeline
     dataset: Any  # ImageNetEEGDataset at the model's image size
     references: list[int]  # per trial: the trial whose image is the ground truth
     contexts: torch.Tensor | None  # the oracle's text states per class
     sampling: dict[str, Any]
+    null_context: torch.Tensor | None = None  # the oracle's empty prompt [1, 77, D] (its learned null)
 
     def run(self, batches: list[list[int]], progress: bool = True) -> int:
         """Generate the unrecorded trials of `batches`; returns how many trials it generated."""
@@ -341,26 +456,36 @@ class GenerationJob:
 
     @torch.no_grad()
     def _batch(self, indices: list[int], done: set[int]) -> None:
-        cfg, model = self.cfg, self.model
+        cfg, pipe = self.cfg, self.pipe
         items = [self.dataset[i] for i in indices]
         refs = [items[k] if self.references[i] == i else self.dataset[self.references[i]] for k, i in enumerate(indices)]
-        eeg = torch.stack([it["eeg"] for it in items]).to(model.device, model.dtype)
         # trial i's images depend only on seed + i (and on the batch it is computed in, which is fixed)
         generators = [torch.Generator().manual_seed(cfg.seed + i) for i in indices]
         if cfg.class_oracle:
-            condition = TextCondition(self.contexts[[it["label"] for it in items]].to(model.device))
-            images = self.pipe(condition=condition, generator=generators, output_type="np", **self.sampling).images
+            condition = TextCondition(self.contexts[[it["label"] for it in items]].to(pipe.device))
+            null = (TextCondition(self.null_context.expand(len(items), -1, -1).to(pipe.device))
+                    if cfg.null_condition == "learned" else None)
+            images = self._generate(indices, generators, condition=condition, negative_condition=null)
             embeddings = None
         else:
-            condition = model.encode_eeg(eeg)
+            condition = pipe.encode_eeg(torch.stack([it["eeg"] for it in items]))
             embeddings = condition.clip_embedding.float().cpu().numpy()
-            images = (self.pipe(condition=condition, generator=generators, output_type="np", **self.sampling).images
-                      if cfg.save_images else None)
+            images = self._generate(indices, generators, condition=condition) if cfg.save_images else None
         for k, (i, item, ref) in enumerate(zip(indices, items, refs)):
             if i in done:
                 continue
             self._write_trial(i, item, ref, None if images is None else images[k],
                               None if embeddings is None else embeddings[k])
+
+    def _generate(self, indices: list[int], generators: list[torch.Generator], **condition: Any) -> np.ndarray:
+        """The trials' images (uint8 [n, slots, H, W, 3]); latents with NaN/Inf stop the run naming the trial."""
+        try:
+            return self.pipe(generator=generators, output_type="np", **condition, **self.sampling).images
+        except NonFiniteLatentsError as err:
+            trial, slot = err.images[0]
+            raise NonFiniteError(f"stage 3 stopped at trial {indices[trial]} (test{indices[trial]}-{slot + 1}.png, "
+                                 f"precision={self.cfg.precision}): {err}. Nothing of its batch (trials {indices[0]}-"
+                                 f"{indices[-1]}) was written; finished trials are kept") from err
 
     def _write_trial(self, i: int, item: dict, ref: dict, images: np.ndarray | None, embedding) -> None:
         folder = self.out_dir / "images"
@@ -378,19 +503,20 @@ class GenerationJob:
         atomic_write_json(self.out_dir / "records" / f"test{i}.json", record)  # last: the trial is done
 
 
-def generation_header(cfg: DictConfig, model: nn.Module, model_info: str, selection: str, n_trials: int,
+def generation_header(cfg: DictConfig, pipe: DreamDiffusionPipeline, model_info: str, selection: str, n_trials: int,
                       n_in_split: int, dtype: torch.dtype, device) -> dict[str, Any]:
     """What `generation.json` holds: the settings (checked on resume) and what was generated with what."""
     return {
         "settings": generation_settings(cfg),
         "model": model_info,
         "checkpoint_selection": selection,
-        "latent_scale": f"{float(model.vae.config.scaling_factor):g} from {model.latent_scale_source}",
-        "image_size": model.image_size,
+        "latent_scale": f"{float(pipe.vae.config.scaling_factor):g} from {pipe.latent_scale_source}",
+        "image_size": pipe.image_size,
         "n_trials": n_trials,
         "n_trials_in_split": n_in_split,
-        "precision": str(dtype).replace("torch.", ""),
+        "precision": str(dtype).replace("torch.", "") + ("" if pipe.conditioner is None else " (EEG conditioner fp32)"),
         "device": str(device),
+        "numerics": numerics_record(device),  # TF32 for the fp32 work, native bf16
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }

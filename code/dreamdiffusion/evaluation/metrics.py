@@ -27,23 +27,29 @@ feature networks loaded from LOCAL files: nothing here downloads.
 
 Every per-image score is kept per trial and per sample slot ([n_trials, n_slots]); `summarize`
 reports per-slot means, the mean over slots and the best slot (by the metric's direction: lowest
-for the metrics in LOWER_IS_BETTER), each with a seeded bootstrap 95% interval over trials.
+for the metrics in LOWER_IS_BETTER), each with a seeded bootstrap 95% interval over trials
+(`scipy.stats.bootstrap`: percentile for the mean, BCa for the best slot).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import DegenerateDataWarning, bootstrap
 from skimage.metrics import structural_similarity
 from torch import nn
 
+from dreamdiffusion.core.compat import SCIPY_RNG
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
+from dreamdiffusion.core.extras import require_extra
+from dreamdiffusion.core.stats import pearson_r
 
 # ---------------------------------------------------------------------------------------------
 # n-way top-k accuracy
@@ -128,12 +134,6 @@ def n_way_top_k_accuracy(
 # Pixel metrics (the authors' MSE / PCC / SSIM), images uint8 [N, H, W, 3]
 
 
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> uint8 numpy [N, H, W, 3] (the authors' channel-last layout)."""
-    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).numpy()
-
-
 def _check_pairs(generated: np.ndarray, reference: np.ndarray) -> None:
     if generated.shape != reference.shape or generated.ndim != 4 or generated.shape[-1] != 3:
         raise ConfigError(f"generated and reference images must both be [N, H, W, 3]; got "
@@ -150,12 +150,7 @@ def mse(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def pcc(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per-pair Pearson correlation of all pixel values: [N] (0 where an image is constant)."""
     _check_pairs(generated, reference)
-    a = generated.reshape(len(generated), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    denom = np.sqrt((a**2).sum(axis=1) * (b**2).sum(axis=1))
-    return np.divide((a * b).sum(axis=1), denom, out=np.zeros(len(a)), where=denom > 0)
+    return pearson_r(generated, reference)
 
 
 def ssim(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -184,7 +179,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, alexnet_weights: str | Path):
         super().__init__()
-        # lazy: LPIPS pulls in its own network code; only runs that score LPIPS need it
+        # imported here, not at the top - LPIPS pulls in its own network code; only runs that score LPIPS need it
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         path = Path(alexnet_weights)
@@ -224,17 +219,35 @@ def inception_feature_modules(weights: str | Path) -> tuple[nn.Module, nn.Module
     path = Path(weights)
     if not path.is_file():
         raise CheckpointError(f"FID Inception weights not found: {path} (see pretrains/README.md)")
-    try:
-        # lazy: torch-fidelity's Inception (the FID extra), only with fid_feature_weights set
-        from torchmetrics.image.fid import NoTrainInceptionV3
+    require_extra("fid", "fid_feature_weights (FID/IS/KID)")
+    # imported here, not at the top - torch-fidelity's Inception (the FID extra), only with fid_feature_weights set
+    from torchmetrics.image.fid import NoTrainInceptionV3
 
-        pool = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
-        logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"],
-                                    feature_extractor_weights_path=str(path))
-    except ModuleNotFoundError as err:
-        raise ConfigError("fid_feature_weights needs the torch-fidelity package "
-                          "(a dependency of this project: run `make install`)") from err
+    pool = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=str(path))
     return pool, logits
+
+
+class SizedFeatures(nn.Module):
+    """A feature network with its output size as `num_features`, found by one uint8 image passed
+    through it on ITS device. torchmetrics' FID reads that attribute; without it, it pushes a dummy
+    image made on the CPU through the network, which fails once the network is on a GPU."""
+
+    PROBE_SIZE = 299  # the FID Inception's input side (it resizes any input to this)
+
+    def __init__(self, network: nn.Module, device: torch.device):
+        super().__init__()
+        self.network = network
+        known = getattr(network, "num_features", None)
+        if isinstance(known, int):
+            self.num_features = known
+            return
+        probe = torch.zeros(1, 3, self.PROBE_SIZE, self.PROBE_SIZE, dtype=torch.uint8, device=device)
+        with torch.no_grad():
+            self.num_features = int(network(probe).shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
 
 
 class DistributionMetrics:
@@ -248,14 +261,15 @@ class DistributionMetrics:
 
     def __init__(self, features: nn.Module, logits: nn.Module | None = None, kid_subset_size: int = 50,
                  is_splits: int = 10):
-        # lazy: the FID/IS/KID metrics need torch-fidelity (the FID extra)
+        # imported here, not at the top - the FID/IS/KID metrics need torch-fidelity (the FID extra)
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.inception import InceptionScore
         from torchmetrics.image.kid import KernelInceptionDistance
 
         # the metric states live where the feature network does (a GPU for the real Inception)
         self.device = next(iter(features.parameters()), torch.empty(0)).device
-        self.fid = FrechetInceptionDistance(feature=features, reset_real_features=True).to(self.device)
+        self.fid = FrechetInceptionDistance(feature=SizedFeatures(features, self.device),
+                                            reset_real_features=True).to(self.device)
         self.kid = KernelInceptionDistance(feature=features, subset_size=kid_subset_size).to(self.device)
         self.inception = InceptionScore(feature=logits if logits is not None else features,
                                         splits=is_splits).to(self.device)
@@ -344,18 +358,37 @@ def bootstrap_ci(
     n_samples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic` over the rows (trials) of `values`."""
+    method: str = "percentile",
+) -> tuple[tuple[float, float], str]:
+    """Bootstrap interval of `statistic` over the rows (trials) of `values`, and the method that gave it.
+
+    The resamples are `scipy.stats.bootstrap`'s (rows drawn with numpy's generator seeded by `seed`).
+    "percentile": the (1 - level) / 2 and (1 + level) / 2 percentiles of the statistic over them (by
+    np.percentile: scipy's own quantile differs from it in the last bit, and this keeps the intervals
+    of earlier runs exactly). "BCa": scipy's bias-corrected and accelerated interval, the better one
+    for a biased statistic such as the best slot; it is undefined when the resamples all give one
+    value or the jackknife cannot estimate the acceleration (a few trials): then the percentile
+    interval, with the method saying why. Fewer than 2 rows or no resamples: (point, point).
+    """
     values = np.asarray(values)
     if len(values) < 2 or n_samples < 1:
         point = float(statistic(values))
-        return point, point
-    rng = np.random.default_rng(seed)
-    stats = np.array([statistic(values[rng.integers(0, len(values), len(values))])
-                      for _ in range(n_samples)])
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    return float(low), float(high)
+        return (point, point), "none (fewer than 2 trials or no resamples: the point itself)"
+    with warnings.catch_warnings():  # an undefined BCa interval is NaN (handled below), with warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap((np.arange(len(values)),), lambda rows: statistic(values[rows]), n_resamples=n_samples,
+                           vectorized=False, confidence_level=level, method=method,
+                           **{SCIPY_RNG: np.random.default_rng(seed)})
+    low, high = result.confidence_interval
+    if method == "percentile" or not (np.isfinite(low) and np.isfinite(high)):
+        tail = (1 - level) / 2 * 100
+        low, high = np.percentile(result.bootstrap_distribution, [tail, 100 - tail])
+        if method != "percentile":
+            why = "the resamples all give one value" if np.ptp(result.bootstrap_distribution) == 0 else \
+                "the jackknife cannot estimate its acceleration"
+            method = f"percentile ({method} is undefined here: {why})"
+    return (float(low), float(high)), method
 
 
 # Metrics where a smaller value is better: their "best slot" is the lowest per-slot mean.
@@ -367,7 +400,9 @@ def summarize(per_image: np.ndarray, n_bootstrap: int = 1000, seed: int = 0, low
 
     per_slot: mean over trials of each sample slot; mean: over slots (the paper's "mean");
     best_slot: the best per-slot mean (the paper's "max" for accuracies; the lowest for a metric
-    where lower is better) and worst_slot the other end; each with a bootstrap 95% interval over trials.
+    where lower is better) and worst_slot the other end; mean and best slot with a bootstrap 95% interval
+    over trials: percentile for the mean, BCa for the best slot (the best of several slot means is
+    biased upward, which BCa corrects for; `best_slot_ci95_method` says which interval was given).
     """
     per_image = np.asarray(per_image, dtype=np.float64)
     if per_image.ndim == 1:
@@ -376,13 +411,15 @@ def summarize(per_image: np.ndarray, n_bootstrap: int = 1000, seed: int = 0, low
     pick, other = (np.argmin, np.argmax) if lower_is_better else (np.argmax, np.argmin)
     reduce = (lambda v: v.mean(axis=0).min()) if lower_is_better else (lambda v: v.mean(axis=0).max())
     best, worst = int(pick(per_slot)), int(other(per_slot))
+    best_ci, best_method = bootstrap_ci(per_image, reduce, n_bootstrap, seed, method="BCa")
     return {
         "per_slot": per_slot.tolist(),
         "mean": float(per_slot.mean()),
-        "mean_ci95": bootstrap_ci(per_image, lambda v: v.mean(), n_bootstrap, seed),
+        "mean_ci95": bootstrap_ci(per_image, lambda v: v.mean(), n_bootstrap, seed)[0],
         "best_slot": float(per_slot[best]),
         "best_slot_index": best,
-        "best_slot_ci95": bootstrap_ci(per_image, reduce, n_bootstrap, seed),
+        "best_slot_ci95": best_ci,
+        "best_slot_ci95_method": best_method,
         "worst_slot": float(per_slot[worst]),
         "lower_is_better": bool(lower_is_better),
         "n_trials": int(per_image.shape[0]),

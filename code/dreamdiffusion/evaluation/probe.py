@@ -50,9 +50,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
 
+from dreamdiffusion.core.devices import resolve_device
 from dreamdiffusion.core.errors import ConfigError, DataError, run_cli
 from dreamdiffusion.core.files import atomic_write_json, atomic_write_text
-from dreamdiffusion.core.memory import resolve_device
 from dreamdiffusion.dataset import ImageNetEEGDataset
 from dreamdiffusion.models.mae import EEGEncoder, build_encoder, load_eeg_encoder
 

@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
 from dreamdiffusion.core.files import safe_torch_load
+from dreamdiffusion.core.stats import pearson_r, pearson_r_all_pairs, unit_rows
 
 BASE_SIZE = 256  # every image is first resized to 256 x 256, as MindEye's notebook does
 RESIZE_LOW_LEVEL = 425  # PixCorr / SSIM resolution
@@ -87,9 +88,7 @@ def pixcorr(generated: torch.Tensor, reference: torch.Tensor, size: int = RESIZE
     """Per-pair Pearson correlation of the flattened pixels at `size` px (inputs from `to_base`): [N]."""
     a = _resize(generated, size).reshape(len(generated), -1).double().numpy()
     b = _resize(reference, size).reshape(len(reference), -1).double().numpy()
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    denom = np.sqrt((a**2).sum(1) * (b**2).sum(1))
-    return np.divide((a * b).sum(1), denom, out=np.zeros(len(a)), where=denom > 0)
+    return pearson_r(a, b)
 
 
 def ssim_gray(generated: torch.Tensor, reference: torch.Tensor, size: int = RESIZE_LOW_LEVEL) -> np.ndarray:
@@ -105,13 +104,6 @@ def ssim_gray(generated: torch.Tensor, reference: torch.Tensor, size: int = RESI
 # Feature comparisons
 
 
-def _standardised(features: np.ndarray) -> np.ndarray:
-    x = features.astype(np.float64)
-    x = x - x.mean(1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
 def two_way_identification(reference: np.ndarray, generated: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
     """reference: features [M, D] of the distinct ground-truth images; generated: [N, D], one per trial;
     own: [N] the row of each trial's ground truth in `reference` (default: trial j <-> row j, M = N).
@@ -119,14 +111,14 @@ def two_way_identification(reference: np.ndarray, generated: np.ndarray, own: np
     if len(reference) < 2:
         raise ConfigError("two-way identification needs at least 2 distinct ground-truth images")
     own = np.arange(len(generated)) if own is None else np.asarray(own)
-    r = _standardised(reference) @ _standardised(generated).T  # r[i, j] = corr(ref_i, gen_j)
+    r = pearson_r_all_pairs(reference, generated)  # r[i, j] = corr(ref_i, gen_j)
     congruent = r[own, np.arange(len(generated))]
     return (r < congruent[None, :]).sum(0) / (len(reference) - 1)
 
 
 def correlation_distance(reference: np.ndarray, generated: np.ndarray) -> np.ndarray:
     """Per pair 1 - Pearson r of the features: [N]."""
-    return 1.0 - (_standardised(reference) * _standardised(generated)).sum(1)
+    return 1.0 - (unit_rows(reference) * unit_rows(generated)).sum(1)  # each pair's r, as two-way computes it
 
 
 def _swav_state(state: dict) -> dict:

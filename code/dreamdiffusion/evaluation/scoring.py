@@ -3,7 +3,8 @@
 A folder holds `test{i}-{k}.png` for trials i = 0..N-1, with k = 0 the ground truth and k = 1..K the
 generated images (the authors' gen_eval_eeg.py writes this; so does our stage 3).
 `read_image_folder` checks it (no test0-0.png, a trial with a missing k, images of different sizes
-within a trial, a file that is not an image: each a `DataError` that names the file).
+within a trial or across trials, a file that is not an image: each a `DataError` that names the file).
+Images are decoded by their mode to 8-bit RGB (`data.common.to_rgb8`: 16-bit, palette, transparency).
 
 `Scorer` scores only uint8 RGB images (what is on disk), never in-memory floats, so a run's own
 images, a copy of its folder and another method's folder are scored the same way:
@@ -19,10 +20,15 @@ images, a copy of its folder and another method's folder are scored the same way
     top_k) cell also reported as "retrieval".
 Each network goes through its library's preprocessing (`classifier.ImageClassifier.transform`,
 `clip_embedder.ImageEmbedder.preprocess`).
+
+Stage 3's score phase is `score_folder`: the folder, the records of the run that wrote it
+(generation.json and generation.jsonl beside it, when there), the metric networks loaded from local
+files; it returns a `FolderScores`, which `report.write_report` writes out.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,22 +37,50 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch import nn
+from tqdm.auto import tqdm
 
+from dreamdiffusion.core.devices import resolve_device
 from dreamdiffusion.core.errors import ConfigError, DataError
-from dreamdiffusion.evaluation import metrics as M
-from dreamdiffusion.evaluation import recon as R
+from dreamdiffusion.data.common import open_rgb
+from dreamdiffusion.evaluation.metrics import (
+    ALEXNET_FILE,
+    LPIPS,
+    DistributionMetrics,
+    cosine_similarity,
+    inception_feature_modules,
+    mse,
+    n_way_top_k_accuracy,
+    pcc,
+    retrieval_accuracy,
+    ssim,
+    summarize,
+)
+from dreamdiffusion.evaluation.metrics import LOWER_IS_BETTER as METRICS_LOWER_IS_BETTER
+from dreamdiffusion.evaluation.recon import (
+    DISTANCE_METRICS,
+    FEATURE_METRICS,
+    RECON_METRICS,
+    FeatureNetwork,
+    ReconstructionScores,
+)
+from dreamdiffusion.models.classifier import load_classifier
+from dreamdiffusion.models.clip_embedder import load_clip_image_encoder
 
 IMAGE_NAME = re.compile(r"test(\d+)-(\d+)\.png")
 PAIRWISE_METRICS = ("mse", "pcc", "ssim", "lpips", "clip_similarity")
-GENERATION_METRICS = ("n_way", *PAIRWISE_METRICS, "fid", *R.RECON_METRICS)
+GENERATION_METRICS = ("n_way", *PAIRWISE_METRICS, "fid", *RECON_METRICS)
 KNOWN_METRICS = (*GENERATION_METRICS, "retrieval")
 # What each metric needs besides the images (the feature metrics: their entry of `features`;
 # retrieval: the embeddings the caller adds).
 METRIC_NETWORKS = {"n_way": "classifier", "clip_similarity": "clip", "lpips": "lpips",
                    "fid": "fid_features", "clip_2way": "clip"}
-LOWER_IS_BETTER = M.LOWER_IS_BETTER | R.LOWER_IS_BETTER
+LOWER_IS_BETTER = METRICS_LOWER_IS_BETTER | DISTANCE_METRICS
+# The recon feature metrics and the config field of each one's weights file.
+FEATURE_WEIGHTS = {"alexnet2": "alexnet_weights", "alexnet5": "alexnet_weights", "inception": "inception_weights",
+                   "effnet": "effnet_weights", "swav": "swav_weights"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +132,11 @@ def read_image_folder(root: str | Path) -> ImageFolder:
             raise DataError(f"{root}: the images of trial {trial} differ in size ({_sizes_text(trial, trial_sizes)}); "
                             "a trial's ground truth and generated images must have one size")
         sizes[trial] = trial_sizes[0]
+    other = next((t for t in range(n_trials) if sizes[t] != sizes[0]), None)
+    if other is not None:
+        (w0, h0), (w, h) = sizes[0], sizes[other]
+        raise DataError(f"{root}: the images of trial {other} are {w}x{h} but those of trial 0 are {w0}x{h0}; every "
+                        "trial of a scored folder must have one size (the metrics compare images across trials)")
     return ImageFolder(root, n_trials, n_slots, sizes[0], ignored)
 
 
@@ -111,15 +150,6 @@ def _image_size(path: Path) -> tuple[int, int]:
             return img.size
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path} is not a readable image: {err}") from err
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """A whole image file as PIL RGB (decoded now), or a DataError naming it."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path} could not be decoded as an image: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +190,7 @@ class Scorer:
         for name in metrics:
             if name in METRIC_NETWORKS and getattr(nets, METRIC_NETWORKS[name]) is None and name not in self.skipped:
                 raise ConfigError(f"metric '{name}' was asked for but its network was not given")
-            if name in R.FEATURE_METRICS and name not in (nets.features or {}) and name not in self.skipped:
+            if name in FEATURE_METRICS and name not in (nets.features or {}) and name not in self.skipped:
                 raise ConfigError(f"metric '{name}' was asked for but its network was not given")
         self.metrics = [m for m in metrics if m not in self.skipped]
         self.nets = nets
@@ -168,14 +198,14 @@ class Scorer:
         self.generator = torch.Generator().manual_seed(seed)  # only used by the sampled n-way estimate
         self.retrieval_ways = sorted(set(retrieval_ways) | {n_way})
         self.retrieval_top_ks = sorted(set(retrieval_top_ks) | {top_k, 1})  # top-1 always: the table's chance column
-        recon = [m for m in self.metrics if m in R.RECON_METRICS]
-        self.recon = R.ReconstructionScores(recon, self._recon_networks(recon)) if recon else None
+        recon = [m for m in self.metrics if m in RECON_METRICS]
+        self.recon = ReconstructionScores(recon, self._recon_networks(recon)) if recon else None
         self.scores: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics
                                                     if m in GENERATION_METRICS and m != "fid" and m not in recon}
         if "n_way" in self.metrics:
             self.scores["top1_agreement"] = []
         self.reference_class: list[int] = []
-        self.distribution = (M.DistributionMetrics(nets.fid_features, nets.fid_logits, kid_subset_size)
+        self.distribution = (DistributionMetrics(nets.fid_features, nets.fid_logits, kid_subset_size)
                              if "fid" in self.metrics else None)
         self.retrieval: dict[str, list] = {"eeg": [], "images": [], "ids": []}
         self.retrieval_scores: np.ndarray | None = None
@@ -185,7 +215,7 @@ class Scorer:
         self.reference_embeddings: list[torch.Tensor] = []
 
     def _recon_networks(self, recon: list[str]) -> dict[str, Any]:
-        networks: dict[str, Any] = {m: self.nets.features[m] for m in recon if m in R.FEATURE_METRICS}
+        networks: dict[str, Any] = {m: self.nets.features[m] for m in recon if m in FEATURE_METRICS}
         if "clip_2way" in recon:
             clip = self.nets.clip
             def clip_features(x: torch.Tensor) -> np.ndarray:  # the 256 px float view, through CLIP's own preprocessing
@@ -222,13 +252,13 @@ class Scorer:
             ref_class = self.nets.classifier.classify(references).argmax(dim=1)  # [B]
             probs = self.nets.classifier.classify(flat)  # [B*K, n_classes]
             ref_flat = ref_class.repeat_interleave(n_slots)
-            out["n_way"] = M.n_way_top_k_accuracy(probs, ref_flat, self.n_way, self.top_k, self.n_way_trials,
+            out["n_way"] = n_way_top_k_accuracy(probs, ref_flat, self.n_way, self.top_k, self.n_way_trials,
                                                   self.generator).numpy()
             out["top1_agreement"] = (probs.argmax(dim=1) == ref_flat).numpy().astype(np.float64)
             self.reference_class.extend(ref_class.tolist())
         gen_u8 = _uint8(flat)
         ref_u8 = np.repeat(_uint8(references), n_slots, axis=0)
-        for name, fn in (("mse", M.mse), ("pcc", M.pcc), ("ssim", M.ssim)):
+        for name, fn in (("mse", mse), ("pcc", pcc), ("ssim", ssim)):
             if name in self.metrics:
                 out[name] = fn(gen_u8, ref_u8)
         if "lpips" in self.metrics:
@@ -238,7 +268,7 @@ class Scorer:
         if "clip_similarity" in self.metrics:
             ref_emb = self.nets.clip.embed(list(clip_references or references))
             self.reference_embeddings.append(ref_emb)
-            out["clip_similarity"] = M.cosine_similarity(self.nets.clip.embed(flat), ref_emb.repeat_interleave(n_slots, 0))
+            out["clip_similarity"] = cosine_similarity(self.nets.clip.embed(flat), ref_emb.repeat_interleave(n_slots, 0))
         return out
 
     def add_retrieval(self, eeg_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
@@ -259,7 +289,7 @@ class Scorer:
     def compute(self, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name, values in self.per_image().items():
-            results[name] = M.summarize(values, n_bootstrap, seed, lower_is_better=name in LOWER_IS_BETTER)
+            results[name] = summarize(values, n_bootstrap, seed, lower_is_better=name in LOWER_IS_BETTER)
         if self.distribution is not None and self.distribution.n_fake:
             results["fid"] = self.distribution.compute()
         if "retrieval" in self.metrics and self.retrieval["ids"]:
@@ -276,12 +306,167 @@ class Scorer:
         ways = sorted({w for w in self.retrieval_ways if w <= n_images} | {min(self.n_way, n_images)})
         for n in ways:
             for k in [k for k in self.retrieval_top_ks if k < n]:
-                acc, used = M.retrieval_accuracy(eeg, images, ids, n, k)
-                summary = M.summarize(acc, n_bootstrap, seed)
+                acc, used = retrieval_accuracy(eeg, images, ids, n, k)
+                summary = summarize(acc, n_bootstrap, seed)
                 table.setdefault(f"{used}-way", {})[f"top{k}"] = {
                     "mean": summary["mean"], "mean_ci95": summary["mean_ci95"], "chance": k / used}
-        acc, used = M.retrieval_accuracy(eeg, images, ids, self.n_way, self.top_k)
+        acc, used = retrieval_accuracy(eeg, images, ids, self.n_way, self.top_k)
         self.retrieval_scores = acc
-        return {"retrieval": {**M.summarize(acc, n_bootstrap, seed), "n_way": used,
+        return {"retrieval": {**summarize(acc, n_bootstrap, seed), "n_way": used,
                               "chance": min(self.top_k, used) / used, "n_images": n_images},
                 "retrieval_table": table}
+
+
+# ---------------------------------------------------------------------------------------------
+# The score phase of stage 3: a folder, its generation records, the metric networks
+
+
+@dataclass
+class FolderScores:
+    """What the score phase found and computed: everything stage 3's report is written from."""
+
+    header: dict[str, Any] | None  # generation.json of the run that wrote the folder (None: a foreign folder)
+    records: list[dict[str, Any]] | None  # generation.jsonl: one record per trial, in order
+    folder: ImageFolder | None  # None when only retrieval was asked for (no image is read)
+    scorer: Scorer
+    results: dict[str, Any]  # the summaries (`Scorer.compute`)
+    skipped: dict[str, str]  # metric -> why it was not computed
+    n_trials: int
+    clip_from_originals: bool  # CLIP compared with the original image files (else the k = 0 PNGs)
+
+
+def score_folder(cfg: DictConfig, out_dir: Path, extra_networks: dict[str, Any], progress: bool) -> FolderScores:
+    """The score phase (cfg with resolved paths): `images_dir` (default `out_dir/images`) scored
+    with `cfg.metrics`; `extra_networks` (fields of MetricNetworks) take precedence over files."""
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else out_dir / "images"
+    header, records = read_generation(images_dir)
+    image_metrics = [m for m in cfg.metrics if m in GENERATION_METRICS]
+    folder = read_image_folder(images_dir) if image_metrics else None
+    if folder is not None and records is not None and len(records) != folder.n_trials:
+        raise DataError(f"{images_dir} holds {folder.n_trials} trials but {images_dir.parent / 'generation.jsonl'} "
+                        f"records {len(records)}: was the folder changed after generation?")
+    skipped: dict[str, str] = {}
+    device = resolve_device(cfg.device, "device")
+    nets = load_metric_networks(cfg, device, list(cfg.metrics), skipped, extra_networks)
+    _check_classifier(cfg, nets)
+    retrieval = _retrieval_inputs(cfg, records, images_dir.parent, skipped, nets)
+    scorer = Scorer(cfg.metrics, nets, n_way=cfg.n_way, top_k=cfg.top_k, n_way_trials=cfg.n_way_trials,
+                    seed=cfg.seed, kid_subset_size=cfg.kid_subset_size, skipped=skipped,
+                    retrieval_ways=cfg.retrieval_ways, retrieval_top_ks=cfg.retrieval_top_ks)
+    clip_from_originals = _score_images(scorer, folder, records, cfg.batch_size, progress)
+    if retrieval is not None:
+        eeg, paths, ids = retrieval
+        # clip_similarity already embedded the same original files, trial by trial
+        reused = clip_from_originals and len(scorer.reference_embeddings) > 0
+        images = torch.cat(scorer.reference_embeddings) if reused else nets.clip.embed([open_rgb(p) for p in paths])
+        scorer.add_retrieval(eeg, images, ids)
+    results = scorer.compute(cfg.bootstrap_samples, cfg.seed)
+    skipped.update(scorer.late_skipped)
+    n_trials = folder.n_trials if folder is not None else len(records)
+    return FolderScores(header, records, folder, scorer, results, skipped, n_trials, clip_from_originals)
+
+
+def read_generation(folder: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """(generation.json, the trials' records) of the run that wrote `folder`, or (None, None)."""
+    root = folder.parent
+    header_file, jsonl = root / "generation.json", root / "generation.jsonl"
+    if not header_file.is_file() or not jsonl.is_file():
+        return None, None
+    remedy = f"run stage 3 again with phase=generate and the same settings (output_dir={root}) to rewrite them"
+    try:
+        header = json.loads(header_file.read_text())
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{root}: generation.json / generation.jsonl are damaged ({err}): {remedy}") from err
+    if not isinstance(header, dict) or not all(isinstance(r, dict) and {"reference_image", "reference_path"} <= r.keys()
+                                               for r in records):
+        raise DataError(f"{root}: generation.json / generation.jsonl do not hold the generation's header and "
+                        f"records: {remedy}")
+    return header, records
+
+
+def load_metric_networks(cfg: DictConfig, device: torch.device, metrics: list[str], skipped: dict[str, str],
+                         given: dict[str, Any]) -> MetricNetworks:
+    """The networks of `metrics`: those `given`, the rest from local files (cfg with resolved paths).
+    A metric whose optional weights are not configured is recorded in `skipped` with the reason."""
+    nets = MetricNetworks(**{k: v for k, v in given.items() if k in MetricNetworks.__dataclass_fields__})
+    wanted = [m for m in metrics if m not in skipped]
+    if "n_way" in wanted and nets.classifier is None:
+        nets.classifier = load_classifier(cfg.classifier, cfg.classifier_weights).to(device)
+    if {"clip_similarity", "retrieval", "clip_2way"} & set(wanted) and nets.clip is None:
+        if cfg.clip_path is None:
+            skipped.update({m: "no clip_path given" for m in ("clip_similarity", "retrieval", "clip_2way") if m in wanted})
+        else:
+            nets.clip = load_clip_image_encoder(cfg.clip_path, cfg.clip_weights).to(device)
+    if "lpips" in wanted and nets.lpips is None:
+        if cfg.lpips_weights is None:
+            skipped["lpips"] = f"no lpips_weights given (torchvision's {ALEXNET_FILE})"
+        else:
+            nets.lpips = LPIPS(cfg.lpips_weights).to(device)
+    if "fid" in wanted and nets.fid_features is None:
+        if cfg.fid_feature_weights is None:
+            skipped["fid"] = "no fid_feature_weights given (weights-inception-2015-12-05-6726825d.pth)"
+        else:
+            pool, logits = inception_feature_modules(cfg.fid_feature_weights)
+            nets.fid_features, nets.fid_logits = pool.to(device), logits.to(device)
+    _load_feature_networks(cfg, device, wanted, skipped, nets)
+    return nets
+
+
+def _load_feature_networks(cfg: DictConfig, device: torch.device, wanted: list[str], skipped: dict[str, str],
+                           nets: MetricNetworks) -> None:
+    nets.features = dict(nets.features or {})
+    for metric in [m for m in wanted if m in FEATURE_METRICS and m not in nets.features]:
+        key = FEATURE_WEIGHTS[metric]
+        if cfg[key] is None:
+            skipped[metric] = f"no {key} given ({FEATURE_METRICS[metric].weights_file})"
+        else:
+            nets.features[metric] = FeatureNetwork(metric, cfg[key]).to(device)
+
+
+def _check_classifier(cfg: DictConfig, nets: MetricNetworks) -> None:
+    n_classes = getattr(nets.classifier, "n_classes", None)
+    if nets.classifier is not None and n_classes is not None and not cfg.top_k <= cfg.n_way <= n_classes:
+        raise ConfigError(f"n_way={cfg.n_way}, top_k={cfg.top_k}: need top_k <= n_way <= the classifier's "
+                          f"{n_classes} classes")
+
+
+def _retrieval_inputs(cfg: DictConfig, records, root: Path, skipped: dict[str, str], nets: MetricNetworks):
+    """Per trial (EEG embedding, reference image path, id) for the retrieval score, or None (skipped)."""
+    if "retrieval" not in cfg.metrics or "retrieval" in skipped:
+        return None
+    if records is None or any(r.get("eeg_embedding") is None for r in records):
+        skipped["retrieval"] = ("needs the model's EEG embeddings: this folder has no generation records "
+                                "with them (a folder of images only, or the class-name oracle)")
+        return None
+    n_images = len({r["reference_image"] for r in records})
+    if n_images < 2:
+        skipped["retrieval"] = f"needs trials of at least 2 distinct images; this run has {n_images}"
+        return None
+    clip_dim = nets.clip.projection_dim
+    eeg = np.stack([np.load(root / "records" / r["eeg_embedding"]) for r in records])
+    if eeg.shape[1] != clip_dim:
+        raise ConfigError(
+            f"metric 'retrieval' compares the model's CLIP head ({eeg.shape[1]} values) with the image "
+            f"embeddings of the CLIP at clip_path={cfg.clip_path} ({clip_dim} values): use the CLIP the "
+            "model was trained against, or drop 'retrieval' from metrics")
+    return torch.from_numpy(eeg), [r["reference_path"] for r in records], [r["reference_image"] for r in records]
+
+
+def _score_images(scorer: Scorer, folder: ImageFolder | None, records, batch_size: int, progress: bool) -> bool:
+    """Feed the folder's images to the scorer in batches of trials; True when CLIP compared with the
+    original image files (our own records), False when with the k = 0 PNGs."""
+    if folder is None:
+        return False
+    originals = records is not None and all(Path(r["reference_path"]).is_file() for r in records)
+    bar = tqdm(total=folder.n_trials, desc="stage 3: score", unit="trial", disable=not progress)
+    for start in range(0, folder.n_trials, batch_size):
+        trials = range(start, min(start + batch_size, folder.n_trials))
+        refs = [open_rgb(folder.path(i, 0)) for i in trials]
+        gens = [[open_rgb(folder.path(i, k)) for k in range(1, folder.n_slots + 1)] for i in trials]
+        clip_refs = [open_rgb(records[i]["reference_path"]) for i in trials] if originals else None
+        ids = [records[i]["reference_image"] for i in trials] if records is not None else None
+        scorer.add_trials(refs, gens, clip_refs, ids)
+        bar.update(len(trials))
+    bar.close()
+    return originals

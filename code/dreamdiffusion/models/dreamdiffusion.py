@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ConfigMixin, DDPMScheduler, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import BasicTransformerBlock
-from safetensors.torch import load_file, save_file
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors.torch import load_file
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
-from dreamdiffusion.core.files import atomic_path, atomic_write_json
 from dreamdiffusion.models import original_formats as original
 from dreamdiffusion.models.mae import EEGEncoder, eeg_encoder_from_state_dict
 from dreamdiffusion.models.sd15 import (
@@ -45,9 +46,12 @@ from dreamdiffusion.models.sd15 import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "dreamdiffusion-stage2/1"
-CONFIG_NAME = "dreamdiffusion.json"
-CONDITIONER_WEIGHTS = "conditioner.safetensors"
+# The folder layout of earlier versions (`dreamdiffusion.json` + `conditioner.safetensors` beside
+# unet/, vae/, scheduler/): still read by `load_conditioner`; DreamDiffusionPipeline.save_pretrained
+# writes diffusers' layout (model_index.json, conditioner/ beside the same three folders).
+LEGACY_FORMAT = "dreamdiffusion-stage2/1"
+LEGACY_CONFIG_NAME = "dreamdiffusion.json"
+LEGACY_CONDITIONER_WEIGHTS = "conditioner.safetensors"
 # Encoder parameters that never take part in its forward pass (kept for checkpoint compatibility)
 # or are a fixed sin-cos table: they stay frozen even though the conditioner trains. The authors'
 # code trains pos_embed too (every cond_stage_model parameter gets requires_grad=True).
@@ -65,24 +69,36 @@ class EEGCondition:
     clip_embedding: torch.Tensor  # [B, clip_dim], aligned to CLIP's image embedding
 
 
-class EEGConditioner(nn.Module):
-    """EEG encoder + token/dim mappers + optional time conditioning + CLIP head.
+class EEGConditioner(ModelMixin, ConfigMixin):
+    """EEG encoder + token/dim mappers + optional time conditioning + CLIP head: the component of
+    `DreamDiffusionPipeline` that stands where SD1.5's text encoder stood (a diffusers model, so
+    `save_pretrained` / `from_pretrained(..., torch_dtype=...)` work as for the UNet).
 
-    encoder: an `EEGEncoder` (forward eeg [B, C, T] -> tokens [B, N, D]; attributes `num_patches`,
-        `embed_dim`, `config`).
+    encoder_config: the `EEGEncoder`'s sizes (its `config`), from which a fresh encoder is built; or
+    encoder: an existing `EEGEncoder` (e.g. stage 1's), used as it is (its sizes become encoder_config).
     """
 
+    ignore_for_config = ["encoder"]  # a module, not a setting: its sizes are stored as encoder_config
+
+    @register_to_config
     def __init__(
         self,
-        encoder: nn.Module,
-        context_dim: int,
-        time_embed_dim: int | None,
-        clip_dim: int,
+        encoder_config: dict[str, Any] | None = None,
+        context_dim: int = 768,
+        time_embed_dim: int | None = None,
+        clip_dim: int = 768,
         context_tokens: int = 77,
         global_pool: bool = False,
         pool_before_norm: bool = False,
+        encoder: nn.Module | None = None,
     ):
         super().__init__()
+        if (encoder is None) == (encoder_config is None):
+            raise ConfigError("an EEGConditioner needs either encoder_config (the EEG encoder's sizes) or an encoder")
+        if encoder is None:
+            encoder = EEGEncoder(**encoder_config)
+        else:
+            self.register_to_config(encoder_config=dict(encoder.config))
         n_tokens, width = encoder.num_patches, encoder.embed_dim
         self.encoder = encoder
         self.context_tokens = 1 if global_pool else context_tokens
@@ -133,12 +149,56 @@ class EEGConditioner(nn.Module):
         clip_embedding = self.clip_head(tokens).squeeze(1)  # [B, clip_dim]
         return EEGCondition(context, time_embedding, clip_embedding)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> EEGConditioner:
+        """diffusers' loading, strictly: a missing, unexpected or mis-shaped weight is a CheckpointError."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"could not load the EEG conditioner of {pretrained_model_name_or_path}: {err}") from err
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise CheckpointError(f"{pretrained_model_name_or_path}: the EEG conditioner's weights do not match its "
+                                  f"config: {bad}")
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        if dtype is not None:  # also the tensors built in a fixed dtype (the sin-cos positions), which diffusers
+            nn.Module.to(model, dtype)  # keeps as built; not ModelMixin.to, which warns on every dtype cast
+        return (model, info) if want_info else model
+
+
+def denoise(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: Any) -> torch.Tensor:
+    """The one place the UNet is called: noisy_latents [B, 4, h, w], timesteps [B] -> eps [B, 4, h, w].
+    `condition`: an EEGCondition, or any object with `context` [B, 77, D] and `time_embedding`
+    ([B, time_embed_dim] or None; e.g. the class-name oracle's text states).
+    The UNet gets its inputs in its own dtype; eps comes back in fp32, so the sampler's arithmetic on
+    the latents stays fp32 whatever dtype the UNet runs in."""
+    time_embedding = condition.time_embedding
+    return unet(
+        noisy_latents.to(unet.dtype),
+        timesteps,
+        encoder_hidden_states=condition.context.to(unet.dtype),
+        class_labels=None if time_embedding is None else time_embedding.to(unet.dtype),
+    ).sample.float()
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+
 
 def clip_alignment_loss(
     eeg_embeds: torch.Tensor, image_embeds: torch.Tensor, kind: str = "cosine", temperature: float = 0.07
 ) -> torch.Tensor:
     """cosine: 1 - mean cosine similarity of each pair (the paper's loss);
-    contrastive: symmetric InfoNCE over the batch (other images of the batch are the negatives)."""
+    contrastive: symmetric InfoNCE over the batch (other images of the batch are the negatives).
+    Computed in fp32 with autocast off: under bf16 the logits (cosines / 0.07) keep 8 bits and the
+    softmax over the batch is blurred."""
+    with torch.autocast(eeg_embeds.device.type, enabled=False):
+        return _alignment(eeg_embeds.float(), image_embeds.float(), kind, temperature)
+
+
+def _alignment(eeg_embeds: torch.Tensor, image_embeds: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     if kind == "cosine":
         return 1 - F.cosine_similarity(eeg_embeds, image_embeds, dim=-1).mean()
     if kind == "contrastive":
@@ -228,7 +288,7 @@ class DreamDiffusion(nn.Module):
                 raise ConfigError("give clip_dim or a clip_encoder to size the CLIP head")
             clip_dim = clip_encoder.projection_dim
         conditioner = EEGConditioner(
-            encoder,
+            encoder=encoder,
             context_dim=sd.unet.config.cross_attention_dim,
             time_embed_dim=time_embed_dim(sd.unet.config) if use_time_cond else None,
             clip_dim=clip_dim,
@@ -276,43 +336,51 @@ class DreamDiffusion(nn.Module):
     # ---- the method --------------------------------------------------------------------------
 
     def encode_eeg(self, eeg: torch.Tensor) -> EEGCondition:
-        """eeg [B, n_channels, n_times] -> EEGCondition (context [B, 77, D_ctx], ...)."""
-        return self.conditioner(eeg)
+        """eeg [B, n_channels, n_times] -> EEGCondition (context [B, 77, D_ctx], ...), in the
+        conditioner's dtype (stage 3 keeps it fp32 while the UNet runs in half precision)."""
+        return self.conditioner(eeg.to(self.conditioner.dtype))
 
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: EEGCondition) -> torch.Tensor:
-        """The one place the UNet is called: noisy_latents [B, 4, h, w], timesteps [B] -> eps [B, 4, h, w]."""
-        time_embedding = condition.time_embedding
-        return self.unet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=condition.context.to(noisy_latents.dtype),
-            class_labels=None if time_embedding is None else time_embedding.to(noisy_latents.dtype),
-        ).sample
+        """noisy_latents [B, 4, h, w], timesteps [B] -> eps [B, 4, h, w] (`denoise` below)."""
+        return denoise(self.unet, noisy_latents, timesteps, condition)
 
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, eeg: torch.Tensor) -> torch.Tensor:
         return self.denoise(noisy_latents, timesteps, self.encode_eeg(eeg))
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (a posterior sample)."""
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/8, W/8] (a posterior sample), fp32
+        whatever the VAE's dtype or autocast: the posterior's moments and its noise are taken in fp32."""
+        return self.sample_latents(self.image_moments(images), generator)
+
+    def image_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> the VAE posterior's moments (mean | log-variance) [B, 8, H/8, W/8], fp32."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters.float()
+
+    def sample_latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample of the moments [B, 8, h, w] -> scaled latents [B, 4, h, w], fp32."""
+        return DiagonalGaussianDistribution(moments.float()).sample(generator) * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (not clamped)."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return decode_latents(self.vae, latents)
 
     def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: eeg [B, C, T], image [B, 3, S, S] in [-1, 1], clip_pixel_values [B, 3, c, c].
+        """batch: eeg [B, C, T], image [B, 3, S, S] in [-1, 1], clip_pixel_values [B, 3, c, c]; or, from the
+        stage-2 caches of work done once (data/stage2_cache.py), latent_moments [B, 8, S/8, S/8] in place
+        of image and clip_embeds [B, clip_dim] in place of clip_pixel_values.
 
         Returns {"loss": diffusion + clip_weight * clip, "diffusion": eps MSE, "clip": alignment}.
         """
-        eeg, images = batch["eeg"], batch["image"]
+        eeg = batch["eeg"]
         with torch.no_grad():
-            latents = self.encode_images(images)
+            moments = batch["latent_moments"] if "latent_moments" in batch else self.image_moments(batch["image"])
+            latents = self.sample_latents(moments)
         noise = torch.randn_like(latents)
         n_steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, n_steps, (len(latents),), device=latents.device)
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        # The schedule's arithmetic in fp32 (latents and noise are): in bf16, sqrt(1 - alpha_bar_t) of
+        # the smallest timesteps rounds to 0 and the targets there are wrong.
+        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise.float(), timesteps)
         condition = self.encode_eeg(eeg)
         eps = self.denoise(noisy_latents, timesteps, condition)
         losses = {"diffusion": F.mse_loss(eps.float(), noise.float())}
@@ -320,8 +388,11 @@ class DreamDiffusion(nn.Module):
             if self.clip_encoder is None:
                 raise ConfigError("clip_weight > 0 needs a CLIP image encoder (clip_path)")
             # The paper's target is frozen; the authors' drifts (its layer_norm2 trains through this loss).
-            with torch.set_grad_enabled(self.clip_target == "drifting" and torch.is_grad_enabled()):
-                image_embeds = self.clip_encoder(batch["clip_pixel_values"])
+            if "clip_embeds" in batch and self.clip_target == "frozen":  # a frozen target, computed once
+                image_embeds = batch["clip_embeds"]
+            else:
+                with torch.set_grad_enabled(self.clip_target == "drifting" and torch.is_grad_enabled()):
+                    image_embeds = self.clip_encoder(batch["clip_pixel_values"])
             losses["clip"] = clip_alignment_loss(
                 condition.clip_embedding.float(), image_embeds.float(), self.clip_loss, self.clip_temperature
             )
@@ -332,64 +403,16 @@ class DreamDiffusion(nn.Module):
 
     # ---- saving and loading ------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "encoder": dict(self.conditioner.encoder.config),
-            **self.conditioner.sizes,
-            "clip_weight": self.clip_weight,
-            "clip_loss": self.clip_loss,
-            "clip_temperature": self.clip_temperature,
-        }
-
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """A self-contained folder: `dreamdiffusion.json` (sizes and settings), `conditioner.safetensors`
-        (encoder, mappers, time conditioning, CLIP head), and the full SD1.5 parts in diffusers layout
-        (`unet/` with the fine-tuned cross-attention, `vae/`, `scheduler/`). The CLIP image encoder is
-        a training-only target and is not saved."""
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.conditioner.state_dict().items()}
-        with atomic_path(out / CONDITIONER_WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT})
-        self.unet.save_pretrained(out / "unet")
-        self.vae.save_pretrained(out / "vae")
-        self.noise_scheduler.save_pretrained(out / "scheduler")
-        atomic_write_json(out / CONFIG_NAME, self.settings())
-        return out
-
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, clip_encoder: nn.Module | None = None) -> DreamDiffusion:
-        """Reload a `save_pretrained` folder (strictly), in eval mode."""
-
-
+    def from_pretrained(cls, model_dir: str | os.PathLike, clip_encoder: nn.Module | None = None,
+                        torch_dtype: torch.dtype | None = None, **loss_settings) -> DreamDiffusion:
+        """The training-side model from a saved folder (`DreamDiffusionPipeline.save_pretrained`, or an
+        earlier version's layout), strictly, in eval mode. The CLIP image encoder is a training-only
+        target and is never saved: pass `clip_encoder` to train on."""
         root = Path(model_dir)
-        if not (root / CONFIG_NAME).is_file():
-            raise CheckpointError(
-                f"{root} is not a DreamDiffusion model folder: {CONFIG_NAME} is missing (expected the "
-                "output of DreamDiffusion.save_pretrained, e.g. <stage-2 output_dir>/model)"
-            )
-        settings = json.loads((root / CONFIG_NAME).read_text())
-        if settings.get("format") != FORMAT:
-            raise CheckpointError(f"{root / CONFIG_NAME}: format {settings.get('format')!r}, expected {FORMAT!r}")
-        overrides = time_cond_overrides() if settings["time_embed_dim"] else {}
-        sd = load_diffusers_folder(root, overrides)
-        conditioner = EEGConditioner(
-            EEGEncoder(**settings["encoder"]),
-            context_dim=settings["context_dim"],
-            time_embed_dim=settings["time_embed_dim"],
-            clip_dim=settings["clip_dim"],
-            context_tokens=settings["context_tokens"],
-            global_pool=settings["global_pool"],
-            pool_before_norm=settings.get("pool_before_norm", False),  # folders written before the switch
-        )
-        _load_strict(conditioner, load_file(str(root / CONDITIONER_WEIGHTS)), str(root / CONDITIONER_WEIGHTS))
-        model = cls(
-            conditioner, sd.unet, sd.vae, sd.noise_scheduler, clip_encoder,
-            clip_weight=settings["clip_weight"], clip_loss=settings["clip_loss"],
-            clip_temperature=settings["clip_temperature"],
-        )
+        conditioner, legacy_settings = load_conditioner(root, torch_dtype)
+        sd = load_diffusers_folder(root, torch_dtype=torch_dtype)
+        model = cls(conditioner, sd.unet, sd.vae, sd.noise_scheduler, clip_encoder, **{**legacy_settings, **loss_settings})
         return model.eval()
 
     @classmethod
@@ -430,7 +453,7 @@ def _conditioner_for(checkpoint: original.GenerationCheckpoint, encoder: nn.Modu
     if checkpoint.use_time_cond:
         time_dim = parts["time_cond"]["weight" if global_pool else "2.weight"].shape[0]
     conditioner = EEGConditioner(
-        encoder,
+        encoder=encoder,
         context_dim=context_dim,
         time_embed_dim=time_dim,
         clip_dim=parts["clip_head"]["1.weight"].shape[0],
@@ -443,6 +466,36 @@ def _conditioner_for(checkpoint: original.GenerationCheckpoint, encoder: nn.Modu
     state.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
     _load_strict(conditioner, state, checkpoint.source)
     return conditioner
+
+
+def load_conditioner(root: Path, torch_dtype: torch.dtype | None = None) -> tuple[EEGConditioner, dict[str, Any]]:
+    """The EEG conditioner of a saved model folder, strictly: `conditioner/` (diffusers' layout), or an
+    earlier version's `dreamdiffusion.json` + `conditioner.safetensors`. Also returns the loss settings
+    that layout recorded (clip_weight, clip_loss, clip_temperature; none in diffusers' layout)."""
+    if (root / "conditioner" / "config.json").is_file():
+        conditioner = EEGConditioner.from_pretrained(root / "conditioner", torch_dtype=torch_dtype,
+                                                     low_cpu_mem_usage=False)  # as sd15.load_diffusers_folder
+        return conditioner, {}
+    legacy = root / LEGACY_CONFIG_NAME
+    if not legacy.is_file():
+        raise CheckpointError(
+            f"{root} is not a DreamDiffusion model folder: neither conditioner/config.json (written by "
+            f"DreamDiffusionPipeline.save_pretrained, e.g. <stage-2 output_dir>/model) nor {LEGACY_CONFIG_NAME} "
+            "(an earlier version's export) is there")
+    settings = json.loads(legacy.read_text())
+    if settings.get("format") != LEGACY_FORMAT:
+        raise CheckpointError(f"{legacy}: format {settings.get('format')!r}, expected {LEGACY_FORMAT!r}")
+    conditioner = EEGConditioner(
+        encoder_config=settings["encoder"], context_dim=settings["context_dim"],
+        time_embed_dim=settings["time_embed_dim"], clip_dim=settings["clip_dim"],
+        context_tokens=settings["context_tokens"], global_pool=settings["global_pool"],
+        pool_before_norm=settings.get("pool_before_norm", False),  # folders written before the switch
+    )
+    weights = root / LEGACY_CONDITIONER_WEIGHTS
+    _load_strict(conditioner, load_file(str(weights)), str(weights))
+    if torch_dtype is not None:
+        nn.Module.to(conditioner, torch_dtype)  # not ModelMixin.to, which warns on every dtype cast
+    return conditioner, {k: settings[k] for k in ("clip_weight", "clip_loss", "clip_temperature")}
 
 
 def time_embed_dim(unet_config) -> int:
@@ -540,5 +593,5 @@ def format_table(table: list[dict[str, Any]]) -> str:
 
 __all__ = [
     "DreamDiffusion", "EEGConditioner", "EEGCondition", "select_trainable", "format_table",
-    "clip_alignment_loss", "time_embed_dim", "time_cond_overrides",
+    "clip_alignment_loss", "time_embed_dim", "time_cond_overrides", "denoise", "decode_latents", "load_conditioner",
 ]

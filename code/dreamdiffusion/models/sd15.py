@@ -107,14 +107,17 @@ def build_sd15(
 # Loading
 
 
-def load_diffusers_folder(folder: Path, unet_overrides: dict | None = None) -> SD15Components:
-    """UNet, VAE and noise scheduler from a diffusers-layout folder, strictly (eval mode)."""
+def load_diffusers_folder(folder: Path, unet_overrides: dict | None = None,
+                          torch_dtype: torch.dtype | None = None) -> SD15Components:
+    """UNet, VAE and noise scheduler from a diffusers-layout folder, strictly (eval mode), in
+    `torch_dtype` when given (else as stored)."""
     unet_overrides = dict(unet_overrides or {})
+    dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
     models = []
     for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder} is not a diffusers-layout Stable Diffusion folder: {sub}/config.json is missing")
-        kwargs = unet_overrides if sub == "unet" else {}
+        kwargs = {**(unet_overrides if sub == "unet" else {}), **dtype}
         try:
             model, info = cls.from_pretrained(
                 folder, subfolder=sub, local_files_only=True, output_loading_info=True, low_cpu_mem_usage=False,
