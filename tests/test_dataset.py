@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreamdiffusion.config import PairedDataConfig, PretrainDataConfig
 from dreamdiffusion.core.errors import DataError, run_cli
+from dreamdiffusion.data.common import config_arguments, random_crop_resize
 from dreamdiffusion.dataset import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,6 +27,7 @@ from dreamdiffusion.dataset import (
     ImageNetEEGDataset,
     load_image,
     main,
+    paired_dataset,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +102,14 @@ def test_window_and_length_parameters(synthetic_imagenet_eeg):
 
 
 def test_images_and_clip_inputs(synthetic_imagenet_eeg):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from dreamdiffusion.models.clip_embedder import clip_pil_processor_class
 
     paths = synthetic_imagenet_eeg
     ds = ImageNetEEGDataset(paths["eeg_path"], paths["splits_path"], paths["image_dir"], split="test",
                             subject=1, image_size=32)
     small = ImageNetEEGDataset(paths["eeg_path"], paths["splits_path"], paths["image_dir"], split="test",
                                subject=1, image_size=20, clip_image_size=24)
-    processor = CLIPImageProcessorPil()  # OpenAI CLIP ViT-L/14: 224 shortest side, bicubic, centre crop
+    processor = clip_pil_processor_class()()  # OpenAI CLIP ViT-L/14: 224 shortest side, bicubic, centre crop
     assert tuple(processor.image_mean) == pytest.approx(CLIP_MEAN) and tuple(processor.image_std) == pytest.approx(CLIP_STD)
     for i in range(len(ds)):
         item = ds[i]
@@ -168,6 +170,41 @@ def test_augmentation_is_a_random_crop_resized_back(synthetic_imagenet_eeg):
     assert 8 <= n_cropped <= 32
 
 
+def _crop_by_hand(image, crop_size):
+    """The train-time crop as this project wrote it before adopting torchvision's transforms: top, then
+    left, from torch's global RNG; the square resized back (bilinear, antialiased)."""
+    size = image.shape[-1]
+    top = int(torch.randint(0, image.shape[-2] - crop_size + 1, (1,)))
+    left = int(torch.randint(0, size - crop_size + 1, (1,)))
+    square = image[None, :, top:top + crop_size, left:left + crop_size]
+    return torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2022])
+def test_the_train_crop_is_the_hand_written_one_to_the_bit(synthetic_imagenet_eeg, seed):
+    """torchvision's RandomCrop + Resize draw the same positions from the same stream and give the same
+    floats; through the dataset (crop probability 0.5) the same items come out for a seed."""
+    image = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    for size, crop_size in ((512, 410), (64, 52), (64, 1)):
+        image_at = TF.resize(image, [size, size], antialias=True)
+        torch.manual_seed(seed)
+        ours = [random_crop_resize(size, crop_size)(image_at) for _ in range(3)] + [torch.rand(1)]
+        torch.manual_seed(seed)
+        by_hand = [_crop_by_hand(image_at, crop_size) for _ in range(3)] + [torch.rand(1)]  # the stream goes on alike
+        assert all(torch.equal(a, b) for a, b in zip(ours, by_hand)), (size, crop_size)
+    paths = synthetic_imagenet_eeg
+    common = dict(eeg_path=paths["eeg_path"], splits_path=paths["splits_path"], image_dir=paths["image_dir"],
+                  split="train", subject=1, image_size=32, clip_image_size=32, crop_ratio=0.2)
+    plain = ImageNetEEGDataset(**common)[0]["image"]
+    augmented = ImageNetEEGDataset(**common, augment=True, crop_probability=0.5)
+    torch.manual_seed(seed)
+    items = [augmented[0]["image"] for _ in range(8)]
+    torch.manual_seed(seed)
+    by_hand = [_crop_by_hand(plain, 32 - int(0.2 * 32)) if float(torch.rand(1)) < 0.5 else plain for _ in range(8)]
+    assert all(torch.equal(a, b) for a, b in zip(items, by_hand))
+
+
 def test_from_config(synthetic_imagenet_eeg):
     paths = synthetic_imagenet_eeg
     cfg = OmegaConf.structured(PairedDataConfig(
@@ -179,6 +216,13 @@ def test_from_config(synthetic_imagenet_eeg):
     assert ds.image_names == direct.image_names and len(ds) > 0
     assert torch.equal(ds[0]["eeg"], direct[0]["eeg"]) and torch.equal(ds[0]["image"], direct[0]["image"])
     assert ImageNetEEGDataset.from_config(cfg, "train", augment=True).augment
+    eeg_only = paired_dataset(cfg, "val", load_images=False)
+    assert eeg_only.image_dir is None and "image" not in eeg_only[0] and torch.equal(eeg_only[0]["eeg"], direct[0]["eeg"])
+    # every field of the group is an argument of the dataset, by name (kind and things_eeg2 choose the dataset)
+    taken = set(config_arguments(cfg, ImageNetEEGDataset))
+    assert taken == set(cfg) - {"kind", "things_eeg2"}
+    assert all(getattr(ds, name) == cfg[name] for name in ("split_index", "subject", "n_times", "image_size",
+                                                             "clip_image_size", "crop_probability"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import timm
 import torch
 from torch import nn
 
+from dreamdiffusion.core.compat import SCIPY_RNG
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
 from dreamdiffusion.evaluation.metrics import (
     LPIPS,
@@ -124,7 +126,53 @@ def test_bootstrap_and_summary():
     assert s["best_slot_index"] == 2 and s["best_slot"] == pytest.approx(values[:, 2].mean())
     assert s["mean_ci95"][0] < s["mean"] < s["mean_ci95"][1]
     assert summarize(values, 200, seed=1) == s  # seeded
-    assert bootstrap_ci(values[:1], lambda v: v.mean()) == (values[0].mean(),) * 2
+    assert bootstrap_ci(values[:1], lambda v: v.mean())[0] == (values[0].mean(),) * 2
+    assert s["best_slot_ci95_method"] == "BCa"
+
+
+def _percentile_bootstrap_by_hand(values, statistic, n_samples, seed, level=0.95):
+    """The percentile bootstrap as this project computed it before adopting scipy's: one draw of
+    len(values) rows per resample from numpy's generator, numpy's percentiles of the statistic."""
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(n_samples)])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@pytest.mark.parametrize("n_trials", [2, 7, 40, 201])
+def test_percentile_intervals_are_the_hand_written_bootstraps_to_the_bit(n_trials):
+    """scipy.stats.bootstrap draws the same resamples; the percentile interval is the same float, and
+    scipy's own quantile of them agrees to rounding."""
+    rng = np.random.default_rng(n_trials)
+    accuracies = (rng.random((n_trials, 4)) < 0.3).astype(float)
+    scores = rng.random((n_trials, 4))
+    for values in (accuracies, scores):
+        for statistic in (lambda v: v.mean(), lambda v: v.mean(axis=0).max(), lambda v: v.mean(axis=0).min()):
+            for n_samples, seed in ((1, 0), (333, 5), (1000, 2022)):
+                ci, method = bootstrap_ci(values, statistic, n_samples, seed)
+                assert ci == _percentile_bootstrap_by_hand(values, statistic, n_samples, seed) and method == "percentile"
+                if n_samples > 1:  # (scipy's standard error of one resample warns)
+                    by_scipy = scipy.stats.bootstrap(
+                        (np.arange(n_trials),), lambda rows, v=values, f=statistic: f(v[rows]), n_resamples=n_samples,
+                        vectorized=False, method="percentile", **{SCIPY_RNG: np.random.default_rng(seed)}).confidence_interval
+                    assert ci == pytest.approx(tuple(by_scipy), rel=1e-12, abs=1e-15)
+
+
+def test_best_slot_interval_is_scipys_bca_and_says_when_it_cannot_be():
+    rng = np.random.default_rng(0)
+    values = rng.random((30, 4))
+    values[:, 1] += 0.2
+    best = lambda v: v.mean(axis=0).max()  # noqa: E731
+    ci, method = bootstrap_ci(values, best, 500, 3, method="BCa")
+    by_scipy = scipy.stats.bootstrap((np.arange(30),), lambda rows: best(values[rows]), n_resamples=500,
+                                     vectorized=False, method="BCa", **{SCIPY_RNG: np.random.default_rng(3)}).confidence_interval
+    assert ci == (by_scipy.low, by_scipy.high) and method == "BCa"
+    assert ci != bootstrap_ci(values, best, 500, 3)[0]  # not the percentile interval
+    assert summarize(values, 500, seed=3)["best_slot_ci95"] == ci
+    # every trial a hit: every resample gives 1.0, BCa is undefined, the interval is the point
+    ci, method = bootstrap_ci(np.ones((10, 4)), best, 100, 0, method="BCa")
+    assert ci == (1.0, 1.0) and method.startswith("percentile (BCa is undefined here: the resamples all give one value")
 
 
 def test_best_slot_follows_the_metrics_direction():

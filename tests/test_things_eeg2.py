@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from omegaconf import OmegaConf
 from PIL import Image
 
+from dreamdiffusion.config import PairedDataConfig, ThingsEEG2Config
 from dreamdiffusion.core.errors import ConfigError, DataError, run_cli
 from dreamdiffusion.data.synthetic import COLOURS, SHAPES, TEXTURES
 from dreamdiffusion.data.synthetic_things_eeg2 import write_synthetic_things_eeg2
@@ -34,6 +36,7 @@ from dreamdiffusion.data.things_eeg2 import (
     main,
     subjects_except,
 )
+from dreamdiffusion.dataset import paired_dataset
 
 LAYOUT_ARGS = {
     # official: 17 x 100 at 100 Hz, np.save of a dict; two subjects for the multi-subject tests
@@ -232,12 +235,12 @@ def test_images_and_clip_inputs(things):
 
 
 def test_default_clip_inputs_are_clip_vit_l14_preprocessing(things):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from dreamdiffusion.models.clip_embedder import clip_pil_processor_class
 
     paths = things["nice"]
     item = ThingsEEG2Dataset(paths["eeg_dir"], paths["image_dir"], split="test", image_size=16)[0]
     with Image.open(item["image_path"]) as img:
-        want = CLIPImageProcessorPil()(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        want = clip_pil_processor_class()()(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
     assert item["clip_pixel_values"].shape == (3, 224, 224)
     torch.testing.assert_close(item["clip_pixel_values"], want, atol=1e-5, rtol=0)
 
@@ -444,3 +447,30 @@ def test_zero_shot_attributes_transfer_to_unseen_test_concepts(tmp_path):
 
     assert top1(y) >= 5 / 24  # measured 0.25 for seed 0 (0.25..0.71 over seeds 0..4)
     assert top1(y[np.random.default_rng(0).permutation(len(y))]) <= 2 / 24
+
+
+def test_from_config_builds_what_the_arguments_build(things):
+    """`paired_dataset` hands the config group to ThingsEEG2Dataset.from_config, which reads its fields by
+    name: the THINGS-EEG2 group's, the shared image fields, subject 0 = all, leave-one-subject-out."""
+    paths = things["official"]
+    picked = list(OFFICIAL_CH_NAMES[:5])
+    cfg = OmegaConf.structured(PairedDataConfig(
+        kind="things_eeg2", image_dir=str(paths["image_dir"]), subject=0, image_size=16, clip_image_size=16,
+        things_eeg2=ThingsEEG2Config(eeg_dir=str(paths["eeg_dir"]), val_concepts=3, seed=1, pick_channels=picked)))
+    for split in ("train", "val", "test"):
+        built = paired_dataset(cfg, split, load_images=False)
+        direct = ThingsEEG2Dataset(paths["eeg_dir"], paths["image_dir"], subject="all", split=split,
+                                   average_repetitions=split == "test", pick_channels=picked, val_concepts=3, seed=1,
+                                   image_size=16, clip_image_size=16, **tiny())
+        assert built.subjects == direct.subjects == [1, 2] and built.index == direct.index
+        assert built.split_concepts == direct.split_concepts and built.ch_names == picked
+        assert built.n_times == 100  # THINGS-EEG2's native length: the group's n_times (ImageNet-EEG's 512) is not used
+        assert torch.equal(built[0]["eeg"], direct[0]["eeg"]) and built.labels == direct.labels
+    cfg.things_eeg2.average_repetitions_test = False
+    assert not paired_dataset(cfg, "test", load_images=False).average_repetitions
+    cfg.subject = 2
+    assert paired_dataset(cfg, "train", load_images=False).subjects == [2]
+    cfg.things_eeg2.leave_out = 1
+    assert paired_dataset(cfg, "test", load_images=False).subjects == [1]
+    with_images = paired_dataset(cfg, "test", augment=True)
+    assert with_images.augment and with_images.load_images and with_images[0]["image"].shape == (3, 16, 16)

@@ -1,6 +1,7 @@
 """The data front door: every stage imports its datasets from here.
 
     from dreamdiffusion.dataset import ImageNetEEGDataset, ThingsEEG2Dataset, EEGPretrainDataset, paired_dataset
+    from dreamdiffusion.dataset import open_pretrain_corpus  # stage 1: a packed corpus or a folder of *.npy
 
 The datasets themselves live in `dreamdiffusion.data` (one module each, with the shared image/EEG
 helpers in `data/common.py`); this module re-exports them, chooses the paired dataset a config names
@@ -18,45 +19,28 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from dreamdiffusion.core.errors import ConfigError, DataError, run_cli
 from dreamdiffusion.data.common import CLIP_MEAN, CLIP_STD, DATA_README, load_image
 from dreamdiffusion.data.imagenet_eeg import ImageNetEEGDataset, check
-from dreamdiffusion.data.pretrain_corpus import EEGPretrainDataset
-from dreamdiffusion.data.things_eeg2 import ThingsEEG2Dataset, subjects_except
+from dreamdiffusion.data.packed_corpus import PackedEEGDataset, open_pretrain_corpus
+from dreamdiffusion.data.pretrain_corpus import EEGPretrainDataset, collate_eeg
+from dreamdiffusion.data.things_eeg2 import ThingsEEG2Dataset
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DATA_KINDS", "DATA_README", "EEGPretrainDataset", "ImageNetEEGDataset",
-           "ThingsEEG2Dataset", "load_image", "main", "paired_dataset"]
+           "PackedEEGDataset", "ThingsEEG2Dataset", "collate_eeg", "load_image", "main", "open_pretrain_corpus",
+           "paired_dataset"]
 
-DATA_KINDS = ("imagenet_eeg", "things_eeg2")
+DATA_KINDS = {"imagenet_eeg": ImageNetEEGDataset, "things_eeg2": ThingsEEG2Dataset}  # data.kind -> its dataset
 
 
 def paired_dataset(cfg: Any, split: str, augment: bool = False, load_images: bool = True) -> Dataset:
-    """The paired dataset a `PairedDataConfig` (paths resolved) names: ImageNet-EEG or THINGS-EEG2.
-
-    THINGS-EEG2: subject 0 = every subject of eeg_dir; with `things_eeg2.leave_out` = k, train and
-    val use the other subjects and test uses subject k alone (leave-one-subject-out).
-    """
-    if cfg.kind == "imagenet_eeg":
-        if not load_images:
-            cfg = OmegaConf.create({**dict(cfg), "image_dir": None})
-        return ImageNetEEGDataset.from_config(cfg, split, augment=augment)
-    if cfg.kind != "things_eeg2":
+    """The paired dataset a `PairedDataConfig` (paths resolved) names with `kind`, built from the group by
+    its `from_config`: ImageNet-EEG or THINGS-EEG2."""
+    if cfg.kind not in DATA_KINDS:
         raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got '{cfg.kind}'")
-    t = cfg.things_eeg2
-    if t.leave_out is not None:
-        subject = [t.leave_out] if split == "test" else subjects_except(t.leave_out)
-    else:
-        subject = "all" if cfg.subject == 0 else cfg.subject
-    return ThingsEEG2Dataset(
-        t.eeg_dir, cfg.image_dir, subject=subject, split=split,
-        average_repetitions=t.average_repetitions_test if split == "test" else t.average_repetitions_train,
-        n_channels=t.n_channels, n_times=t.n_times, pick_channels=list(t.pick_channels) if t.pick_channels else None,
-        val_concepts=t.val_concepts, seed=t.seed, image_size=cfg.image_size, load_images=load_images,
-        clip_image_size=cfg.clip_image_size, augment=augment, crop_probability=cfg.crop_probability,
-        crop_ratio=cfg.crop_ratio, check_images=cfg.check_images)
+    return DATA_KINDS[cfg.kind].from_config(cfg, split, augment=augment, load_images=load_images)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2
 
 from dreamdiffusion.core.errors import CheckpointError, DataError
 from dreamdiffusion.core.files import safe_torch_load
@@ -26,6 +28,34 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 DATA_README = "datasets/README.md"
+
+
+def config_arguments(cfg: Any, target: Callable, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The fields of an OmegaConf config group that `target` takes as keyword arguments of the same
+    name, less `skip`: the datasets name their arguments as `PairedDataConfig` names its fields, so a
+    `from_config` passes the group on instead of copying each field out by hand."""
+    return {name: cfg[name] for name in inspect.signature(target).parameters if name in cfg and name not in skip}
+
+
+# The amplitude rule (datasets/README.md, "The amplitude rule"): the largest |value| of a recording (or
+# of a trial's window) must lie in this range. EEG in microvolts peaks at tens to a few thousand, z-scored
+# or whitened EEG at a few units. Above 1e6 (a volt, in microvolts; a million standard deviations) it is
+# not EEG, and its squares overflow float32 in the losses; below 1e-3 it is EEG in volts (or flat), while
+# the models are trained on microvolts or z-scores.
+EEG_PEAK_RANGE = (1e-3, 1e6)
+
+
+def eeg_scale_problem(peak: float) -> str | None:
+    """Why EEG whose largest |value| is `peak` has an implausible scale (the amplitude rule), or None."""
+    low, high = EEG_PEAK_RANGE
+    if peak > high:
+        return (f"has values up to {peak:.3g}, implausible for EEG in microvolts or z-scores (the amplitude rule "
+                f"allows at most {high:g}: {DATA_README}); was it scaled or converted twice?")
+    if peak < low:
+        what = "is flat (every value is 0)" if peak == 0 else f"has values of at most {peak:.3g}"
+        return (f"{what}: implausible for EEG in microvolts or z-scores (the amplitude rule asks for a peak of at "
+                f"least {low:g}: {DATA_README}); EEG in volts must be multiplied by 1e6")
+    return None
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
@@ -108,16 +138,42 @@ def resample_linear(x: torch.Tensor, n_times: int) -> torch.Tensor:
     return (x[..., left] * (1 - weight) + x[..., left + 1] * weight).float()
 
 
-def open_rgb(path: str | os.PathLike, where: str = f"{DATA_README} explains where the ImageNet images go") -> Image.Image:
-    """An image file as 8-bit RGB, or a DataError naming the file (`where`: how to get it)."""
+def open_rgb(path: str | os.PathLike, where: str | None = None) -> Image.Image:
+    """An image file as 8-bit RGB (decoded now), or a DataError naming the file (`where`: how to get it).
+
+    The one image opener of the package: the datasets, stage 3's scoring and the demo read through it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"image not found: {path} ({where})")
+        raise DataError(f"image not found: {path}" + (f" ({where})" if where else ""))
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()
     except Exception as err:  # noqa: BLE001 - any decoder error means the file is damaged (see unreadable_images)
         raise DataError(f"image {path} could not be read: {type(err).__name__}: {err}") from err
+    return to_rgb8(img, path)
+
+
+# Integer images deeper than 8 bits (PIL's "I;16*" and "I": 16-bit greyscale PNG/TIFF) hold 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(img: Image.Image, path: Any = "image") -> Image.Image:
+    """A decoded image as 8-bit RGB, by its mode: 16-bit greyscale scaled by 255/65535 (PIL's own
+    convert clips it, so most of it reads as white); transparency (RGBA, LA, PA, a palette or greyscale
+    with a transparent colour) composited over white; palette, greyscale, CMYK, YCbCr through PIL's
+    conversion. A floating-point image has no agreed range: a DataError naming the file."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.round(values * (255 / 65535)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if img.mode == "F":
+        raise DataError(f"{path} is a floating-point image (PIL mode F), which has no agreed range of values: save "
+                        "it as an 8- or 16-bit image")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def to_unit_range(img: Image.Image) -> torch.Tensor:
@@ -149,12 +205,11 @@ def default_clip_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     return ProcessorTransform(size)
 
 
-def random_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """A random `crop_size` square of `image [3, S, S]`, resized back to S (torch's global RNG)."""
-    size = image.shape[-1]
-    top = int(torch.randint(0, image.shape[-2] - crop_size + 1, (1,)))
-    left = int(torch.randint(0, size - crop_size + 1, (1,)))
-    return resize_square(image[:, top:top + crop_size, left:left + crop_size], size)
+def random_crop_resize(image_size: int, crop_size: int) -> v2.Compose:
+    """The train-time crop of `[3, image_size, image_size]` images (torchvision's transforms): a random
+    `crop_size` square, its top then its left drawn from torch's global RNG (none when crop_size ==
+    image_size: the crop is the whole image), resized back to image_size (bilinear, antialiased)."""
+    return v2.Compose([v2.RandomCrop(crop_size), v2.Resize([image_size, image_size])])
 
 
 def unreadable_images(paths: Sequence[Path] | dict) -> list[tuple[Path, str]]:
@@ -171,11 +226,15 @@ def unreadable_images(paths: Sequence[Path] | dict) -> list[tuple[Path, str]]:
     return broken
 
 
-def image_fields(original: Image.Image, image_size: int, clip_transform: Callable, augment: bool,
+def image_fields(original: Image.Image, image_size: int, clip_transform: Callable | None, augment: bool,
                  crop_probability: float, crop_size: int) -> dict[str, torch.Tensor]:
     """`image` (RGB in [-1, 1] at image_size, the train-time random crop when `augment`) and
     `clip_pixel_values` (CLIP's input from the un-augmented original) of a paired item."""
     image = resize_square(to_unit_range(original), image_size)
+    # Our own draw rather than v2.RandomApply's, which compares in float32 (p = 0.7 would differ once in 2**24)
     if augment and float(torch.rand(1)) < crop_probability:
-        image = random_crop_resize(image, crop_size)
-    return {"image": image, "clip_pixel_values": clip_transform(original)}
+        image = random_crop_resize(image_size, crop_size)(image)
+    fields = {"image": image}
+    if clip_transform is not None:  # None: the CLIP embeddings come from a cache (data/stage2_cache.py)
+        fields["clip_pixel_values"] = clip_transform(original)
+    return fields

@@ -47,7 +47,9 @@ from dreamdiffusion.data.common import (
     as_index,
     check_dict_file,
     check_split_images,
+    config_arguments,
     default_clip_transform,
+    eeg_scale_problem,
     image_fields,
     load_torch_file,
     open_rgb,
@@ -55,6 +57,7 @@ from dreamdiffusion.data.common import (
     string_list,
     unreadable_images,
 )
+from dreamdiffusion.data.split_hygiene import check_repeated_stimuli, imagenet_eeg_hygiene
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ EEG_FILE_KEYS = ("dataset", "labels", "images")
 
 
 TRIAL_KEYS = ("eeg", "image", "label", "subject")
+WHERE = f"{DATA_README} explains where the ImageNet images go"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +243,8 @@ def trial_problems(eeg: Sequence[torch.Tensor], time_window: Sequence[int], path
         elif not torch.isfinite(window).all():
             errors.append(f"EEG file {path}: {name} holds NaN or Inf inside the time window [{start}, {stop}) "
                           f"({int((~torch.isfinite(window)).sum())} values)")
+        elif (scale := eeg_scale_problem(float(window.abs().max()))) is not None:
+            errors.append(f"EEG file {path}: {name}, inside the time window [{start}, {stop}), {scale}")
         elif not torch.isfinite(e).all():
             notes.append(f"{name} holds NaN/Inf outside the time window [{start}, {stop}) (those samples are not used)")
     return errors, notes
@@ -287,6 +293,7 @@ class ImageNetEEGDataset(Dataset):
         clip_image_size: int = 224,
         clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
         check_images: bool = True,
+        allow_repeated_stimuli: bool = False,
     ):
         if len(time_window) != 2 or not 0 <= time_window[0] < time_window[1]:
             raise ConfigError(f"time_window must be [start, stop) with 0 <= start < stop, got {list(time_window)}")
@@ -297,8 +304,7 @@ class ImageNetEEGDataset(Dataset):
         self.eeg_path, self.splits_path = Path(eeg_path), Path(splits_path)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         if self.image_dir is not None and not self.image_dir.is_dir():
-            raise DataError(f"image folder not found: {self.image_dir} ({DATA_README} explains where the "
-                            "ImageNet images go)")
+            raise DataError(f"image folder not found: {self.image_dir} ({WHERE})")
         self.split, self.split_index, self.subject = split, split_index, subject
         self.time_window = (int(time_window[0]), int(time_window[1]))
         self.n_times = n_times
@@ -312,6 +318,13 @@ class ImageNetEEGDataset(Dataset):
         indices = split_indices(splits, split, split_index, self.splits_path)
         filtered = select_subject(eeg_file.trials, subject, self.eeg_path)
         self.selection = apply_split(filtered, indices, min_trial_length, max_trial_length)
+        # Split hygiene before anything else is read: a split repeating images between train and test
+        # is refused unless allowed (data/split_hygiene.py).
+        kept = {name: apply_split(filtered, split_indices(splits, name, split_index, self.splits_path),
+                                  min_trial_length, max_trial_length).positions for name in splits[split_index]}
+        self.hygiene = imagenet_eeg_hygiene(filtered, kept, eeg_file.image_names,
+                                            f"split {split_index} of {self.splits_path}, subject {subject}")
+        check_repeated_stimuli(self.hygiene, allow_repeated_stimuli)
         # Keep only this split's trials, so the rest of the (multi-GB) file can be freed.
         trials = [filtered[i] for i in self.selection.positions]
         if not trials:
@@ -334,32 +347,19 @@ class ImageNetEEGDataset(Dataset):
             self._check_images(split, check_images)
 
     def _check_images(self, split: str, decode: bool) -> None:
-        check_split_images([image_path(self.image_dir, n) for n in self.image_names], split, self.image_dir,
-                           f"{DATA_README} explains where the ImageNet images go", decode)
+        check_split_images([image_path(self.image_dir, n) for n in self.image_names], split, self.image_dir, WHERE,
+                           decode)
 
     @classmethod
     def from_config(cls, cfg: Any, split: str, augment: bool = False,
-                    clip_transform: Callable[[Image.Image], torch.Tensor] | None = None) -> ImageNetEEGDataset:
-        """From a `PairedDataConfig` whose paths are resolved (`config.resolved`)."""
-        return cls(
-            eeg_path=cfg.eeg_path,
-            splits_path=cfg.splits_path,
-            image_dir=cfg.image_dir,
-            split=split,
-            split_index=cfg.split_index,
-            subject=cfg.subject,
-            time_window=tuple(cfg.time_window),
-            n_times=cfg.n_times,
-            min_trial_length=cfg.min_trial_length,
-            max_trial_length=cfg.max_trial_length,
-            image_size=cfg.image_size,
-            augment=augment,
-            crop_probability=cfg.crop_probability,
-            crop_ratio=cfg.crop_ratio,
-            clip_image_size=cfg.clip_image_size,
-            clip_transform=clip_transform,
-            check_images=cfg.check_images,
-        )
+                    clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                    load_images: bool = True) -> ImageNetEEGDataset:
+        """From a `PairedDataConfig` whose paths are resolved (`config.resolved`): every field of the group
+        that is an argument here, by name (`load_images=False`: the EEG alone, as image_dir=None)."""
+        arguments = config_arguments(cfg, cls)
+        if not load_images:
+            arguments["image_dir"] = None
+        return cls(**arguments, split=split, augment=augment, clip_transform=clip_transform)
 
     def image_path(self, i: int) -> Path:
         if self.image_dir is None:
@@ -387,7 +387,7 @@ class ImageNetEEGDataset(Dataset):
             "subject": self.subjects[i],
         }
         if self.image_dir is not None:
-            item.update(image_fields(open_rgb(self.image_path(i)), self.image_size, self.clip_transform,
+            item.update(image_fields(open_rgb(self.image_path(i), WHERE), self.image_size, self.clip_transform,
                                      self.augment, self.crop_probability, self.crop_size))
         return item
 
@@ -439,7 +439,7 @@ def check(
           f"{max_trial_length}:", file=out)
     if not 0 <= split_index < len(splits):
         split_indices(splits, "train", split_index, splits_path)  # raises the out-of-range error
-    errors, notes, kept_names = [], [], []
+    errors, notes, kept_names, kept = [], [], [], {}
     present = [str(n) for n in splits[split_index]]
     errors += [f"split '{name}' is not in {splits_path} (splits[{split_index}] holds {', '.join(present)}; a stage "
                "uses it)" for name in used_splits if name not in present]
@@ -459,6 +459,12 @@ def check(
         errors += trial_errors
         notes += trial_notes
         kept_names += [eeg_file.image_names[int(filtered[i]["image"])] for i in sel.positions]
+        kept[name] = sel.positions
+    hygiene = imagenet_eeg_hygiene(filtered, kept, eeg_file.image_names,
+                                   f"split {split_index} of {splits_path}, subject {subject}")
+    print("\n".join(hygiene.lines()), file=out)
+    errors += [f"split {split_index} repeats stimuli between train and test: {o.line()} (a stage refuses it unless "
+               "data.allow_repeated_stimuli=true)" for o in hygiene.repeated("train", "test")]
     errors += _image_problems(image_dir, kept_names, out)
     for note in notes:
         print(f"note: {note}", file=out)

@@ -58,10 +58,13 @@ from dreamdiffusion.data.common import (
     DATA_README,
     check_dict_file,
     check_split_images,
+    config_arguments,
+    eeg_scale_problem,
     image_fields,
     open_rgb,
     resample_linear,
 )
+from dreamdiffusion.data.split_hygiene import SplitHygiene, check_repeated_stimuli, things_eeg2_hygiene
 from dreamdiffusion.models.clip_embedder import ProcessorTransform
 
 WHERE = f"{DATA_README}, section THINGS-EEG2, explains where to get it"
@@ -356,6 +359,16 @@ def split_rows(metadata: ImageMetadata, split: str, val_concepts: int = 0, seed:
     return np.flatnonzero(in_val if split == "val" else ~in_val)
 
 
+def split_hygiene(metadata: ImageMetadata, val_concepts: int = 0, seed: int = 0) -> SplitHygiene:
+    """The stimuli (images, concepts) each split uses and those that occur in two (data/split_hygiene.py)."""
+    rows = {split: split_rows(metadata, split, val_concepts, seed) for split in SPLITS
+            if split != "val" or val_concepts > 0}
+    partition = {split: "test" if split == "test" else "training" for split in rows}
+    return things_eeg2_hygiene({s: [metadata.concepts[partition[s]][r] for r in rows[s]] for s in rows},
+                               {s: [metadata.files[partition[s]][r] for r in rows[s]] for s in rows},
+                               f"image set {metadata.path.parent} (val_concepts {val_concepts}, seed {seed})")
+
+
 def adapt_eeg(eeg: torch.Tensor, n_channels: int | None = None, n_times: int | None = None) -> torch.Tensor:
     """`eeg [C, T]` -> float32 `[n_channels, n_times]` (None keeps that axis).
 
@@ -422,6 +435,7 @@ class ThingsEEG2Dataset(Dataset):
         crop_probability: float = 0.5,
         crop_ratio: float = 0.2,
         check_images: bool = True,
+        allow_repeated_stimuli: bool = False,
     ):
         if (n_channels is not None and n_channels < 1) or (n_times is not None and n_times < 2):
             raise ConfigError(f"need n_channels >= 1 and n_times >= 2 (or None), got {n_channels}, {n_times}")
@@ -434,8 +448,10 @@ class ThingsEEG2Dataset(Dataset):
         self.concepts = self.metadata.concept_names(self.partition)
         self._labels = {concept: label for label, concept in enumerate(self.concepts)}
         self.split_concepts = list(dict.fromkeys(self.metadata.concepts[self.partition][r] for r in self.rows))
+        self.hygiene = split_hygiene(self.metadata, val_concepts, seed)  # refused before any EEG is read
+        check_repeated_stimuli(self.hygiene, allow_repeated_stimuli)
         self.subjects = resolve_subjects(subject, self.eeg_dir)
-        self.eeg, self.index = self._load_eeg(pick_channels)
+        self.eeg, self.index = self._load_eeg(list(pick_channels) if pick_channels else None)  # [] = every channel
         self.load_images = load_images
         self.augment, self.crop_probability = augment, crop_probability
         self.crop_size = image_size - int(crop_ratio * image_size)
@@ -447,6 +463,25 @@ class ThingsEEG2Dataset(Dataset):
 
                 clip_transform = ProcessorTransform(clip_image_size)
         self.clip_transform = clip_transform
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, augment: bool = False,
+                    clip_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                    load_images: bool = True) -> ThingsEEG2Dataset:
+        """From a `PairedDataConfig` with kind=things_eeg2 whose paths are resolved: the fields of its
+        `things_eeg2` group and its image fields that are arguments here, by name; subject 0 = every
+        subject of eeg_dir; with `things_eeg2.leave_out` = k, train and val use the other subjects and
+        test uses subject k alone (leave-one-subject-out)."""
+        things = cfg.things_eeg2
+        if things.leave_out is not None:
+            subject = [things.leave_out] if split == "test" else subjects_except(things.leave_out)
+        else:
+            subject = "all" if cfg.subject == 0 else cfg.subject
+        average = things.average_repetitions_test if split == "test" else things.average_repetitions_train
+        # subject and n_times of the group are ImageNet-EEG's (n_times: THINGS-EEG2's own is in `things`)
+        return cls(**config_arguments(cfg, cls, skip=("subject", "n_times")), **config_arguments(things, cls),
+                   subject=subject, split=split, average_repetitions=average, augment=augment,
+                   clip_transform=clip_transform, load_images=load_images)
 
     def _load_eeg(self, pick_channels: Sequence[str] | None) -> tuple[list[np.ndarray], list[tuple]]:
         """Per subject float32 [rows, (R,) C, T]; the items as (subject position, row position, repetition)."""
@@ -473,12 +508,16 @@ class ThingsEEG2Dataset(Dataset):
         return arrays, index
 
     def _check_eeg(self) -> None:
-        """The content check of ImageNet-EEG's loader, here: finite values in every selected row."""
+        """The content check of ImageNet-EEG's loader, here: finite values in every selected row, and the
+        amplitude rule (`data.common.eeg_scale_problem`) over each subject's rows."""
         for s, data in enumerate(self.eeg):
             if not np.isfinite(data).all():
                 bad = int(np.argwhere(~np.isfinite(data.reshape(len(data), -1)).all(axis=1))[0, 0])
                 raise DataError(f"THINGS-EEG2 subject {self.subjects[s]}: row {int(self.rows[bad])} of the "
                                 f"{self.partition} EEG holds NaN or Inf")
+            scale = eeg_scale_problem(max(abs(float(data.max())), abs(float(data.min()))))
+            if scale is not None:
+                raise DataError(f"THINGS-EEG2 subject {self.subjects[s]}: the {self.partition} EEG {scale}")
 
     @property
     def labels(self) -> list[int]:
@@ -573,6 +612,8 @@ def check(eeg_dir: str | os.PathLike, image_dir: str | os.PathLike, subject: int
         n_concepts = len(set(metadata.concepts[partition][r] for r in rows))
         print(f"  {split:>5}: {n_concepts} concepts, {len(rows)} images (averaged items), "
               f"{len(rows) * n_reps[partition]} single-repetition items", file=out)
+    hygiene = split_hygiene(metadata, val_concepts, seed)
+    print("\n".join(hygiene.lines()), file=out)
     paths = [metadata.image_path(image_dir, p, r) for p in PARTITIONS for r in range(len(metadata.files[p]))]
     missing = [p for p in paths if not p.is_file()]
     print(f"images: {len(paths)} listed in {metadata.path.name}, {len(missing)} missing", file=out)
@@ -597,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     seed=args.seed)
     if missing:
         raise DataError(f"{len(missing)} image(s) missing under {args.images} (listed above; {WHERE})")
+    check_repeated_stimuli(split_hygiene(load_image_metadata(args.images), args.val_concepts, args.seed), allow=False)
     print("ok")
 
 

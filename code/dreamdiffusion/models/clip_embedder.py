@@ -6,40 +6,43 @@ ViT-H/14 instead. Both are wrapped as an `ImageEmbedder`, which carries its libr
 preprocessing, so the tensors fed to it are exactly what the library would make of the image:
 
     spec                                  loaded by                     preprocessing
-    a transformers CLIP folder            CLIPVisionModelWithProjection  CLIPImageProcessorPil (the
-      (a full CLIPModel folder works)                                    classic PIL processor)
+    a transformers CLIP folder            CLIPVisionModelWithProjection  the classic PIL processor
+      (a full CLIPModel folder works)                                    (`clip_pil_processor_class`)
     "open_clip:<model name>" + weights    open_clip.create_model_and_transforms   its `preprocess`
 
-A hub id is used only when the hub is reachable (`huggingface_hub.is_offline_mode()` is false).
+A hub id is used only when the hub is reachable (HF_HUB_OFFLINE unset, `core.compat.is_offline_mode`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import is_offline_mode
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from dreamdiffusion.core.compat import TRANSFORMERS_V5, is_offline_mode
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
+from dreamdiffusion.core.extras import OPEN_CLIP_PREFIX, require_extra
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 # openai/clip-vit-large-patch14's vision tower and projection (transformers CLIPVisionConfig), for
 # random-weight stand-ins at the real size (benchmarks, the rehearsal, the parameter-count test).
 CLIP_VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-OPEN_CLIP_PREFIX = "open_clip:"
 CLIP_DOWNLOAD_HINT = (
     "download the transformers folder of openai/clip-vit-large-patch14 (config.json + "
     "model.safetensors; `python code/download_weights.py --only clip` puts it at "
     "pretrains/clip-vit-large-patch14) or point `clip_path` at your copy; pretrains/README.md lists "
     "every file the project expects"
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ImageEmbedder(nn.Module):
@@ -109,14 +112,25 @@ class ProcessorTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def __repr__(self) -> str:  # stable across runs: part of the stage-2 CLIP cache's key
+        return f"ProcessorTransform({self.size}, {type(self.processor).__name__})"
+
+
+def clip_pil_processor_class() -> type:
+    """transformers' classic CLIP image processor, which works on PIL images: `CLIPImageProcessor` in
+    4.x, `CLIPImageProcessorPil` in 5.x (where `CLIPImageProcessor` is the torchvision one)."""
+    if not TRANSFORMERS_V5:
+        return CLIPImageProcessor
+    # imported here, not at the top - the PIL processor's module exists in transformers v5 only
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil
+
 
 def clip_image_processor(size: int = 224):
     """OpenAI CLIP's preprocessing at `size`: bicubic resize of the shortest side (PIL, 8-bit), centre
-    crop, OpenAI mean/std - transformers' classic `CLIPImageProcessor`, in v5 `CLIPImageProcessorPil`."""
-    # lazy: the PIL processor's module exists in transformers v5 only
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    crop, OpenAI mean/std (`clip_pil_processor_class`)."""
+    return clip_pil_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def check_clip_path(path: str | os.PathLike) -> str:
@@ -154,6 +168,11 @@ def load_clip_image_encoder(path: str | os.PathLike = CLIP_HUB_ID, weights: str 
             f"the CLIP image encoder in {source} lacks or has wrongly shaped weights for {bad[:10]}"
             f"{' ...' if len(bad) > 10 else ''}: expected a complete CLIP ViT folder ({CLIP_DOWNLOAD_HINT})."
         )
+    # transformers' own loading report (a table of these keys) is captured by core/logs.py: one line here.
+    unused = info.get("unexpected_keys", ())
+    if unused:
+        towers = sorted({k.split(".")[0] for k in unused})
+        logger.info("CLIP image encoder from %s (%d weights of %s not used)", source, len(unused), ", ".join(towers))
     return TransformersCLIP.from_model(model, name=f"transformers CLIP {source}")
 
 
@@ -162,7 +181,8 @@ def load_open_clip(model_name: str, weights: str | os.PathLike | None,
     """An OpenCLIP model (e.g. "ViT-H-14", THINGS-EEG's usual image encoder) from a local weights file,
     with OpenCLIP's own eval preprocessing. `model_config`: a json of an architecture OpenCLIP does not
     ship (registered with `open_clip.add_model_config`)."""
-    import open_clip  # lazy: OpenCLIP is optional (only for `open_clip:` targets)
+    require_extra("openclip", f"clip_path={OPEN_CLIP_PREFIX}{model_name}")
+    import open_clip  # imported here, not at the top - OpenCLIP is optional (the openclip extra, only for `open_clip:` targets)
 
     if model_config is not None:
         open_clip.add_model_config(str(model_config))

@@ -18,6 +18,7 @@ Randomness (data order, crops, masks) is a function of (seed, epoch, rank), so a
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,19 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.seed import isolate_rng
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # 4.x and 5.x
 
 from dreamdiffusion.config import STAGES, resolved, save_config, to_container
 from dreamdiffusion.core.errors import ConfigError
 from dreamdiffusion.core.files import atomic_path, check_output_dir
-from dreamdiffusion.dataset import EEGPretrainDataset, ImageNetEEGDataset
+from dreamdiffusion.core.run_folder import owns_output_folder
+from dreamdiffusion.core.stats import pearson_r_torch
+from dreamdiffusion.dataset import ImageNetEEGDataset, collate_eeg, open_pretrain_corpus
+from dreamdiffusion.evaluation.masked_recon import hidden_samples, interpolate_hidden, masked_correlation
 from dreamdiffusion.evaluation.probe import quick_probe
 from dreamdiffusion.models.mae import (
     PATCH_EMBED_INITS,
@@ -42,44 +48,49 @@ from dreamdiffusion.models.mae import (
     count_parameters,
     save_eeg_encoder,
 )
+from dreamdiffusion.train.guards import NonFiniteGuard, complete_export, fit, training_claim, write_export
 from dreamdiffusion.train.lightning import (
     EpochMetricsCSV,
     EpochSeed,
     RunStats,
+    SeededItems,
+    SeededSampler,
+    adamw,
     build_trainer,
     check_resume_checkpoint,
+    check_trainer_settings,
     epoch_checkpoints,
     epoch_seed,
     format_metric,
-    isolated_rng,
     last_checkpoint,
+    log_learning_rate,
+    log_terms,
     output_paths,
+    seed_all,
     write_run_summary,
 )
 
-METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "val_loss", "probe_val_acc", "seconds"]
+logger = logging.getLogger(__name__)
+
+# masked_corr / interp_corr: the reconstruction of the hidden samples and linear interpolation across them,
+# each correlated with the input over the hidden samples (evaluation/masked_recon.py): the MAE has learnt
+# something about EEG when the first beats the second.
+METRICS_COLUMNS = ["epoch", "step", "loss", "lr", "recon_corr", "masked_corr", "interp_corr", "val_loss",
+                   "probe_val_acc", "seconds"]
 
 # -------------------------------------------------------------------------------------------------
 # Optimisation
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices/kernels; none on norms, biases and cls/mask tokens.
+    """AdamW groups as the authors' code builds them (timm's, with no skip list): no decay on 1-D
+    parameters (norms) and biases, `weight_decay` on everything else - the weight matrices and kernels
+    and also the cls and mask tokens ([1, 1, D]), which the paper does not mention.
 
-    (The fixed sin-cos position table has requires_grad=False, so it never reaches the optimiser.)
+    timm returns the no-decay group first. The fixed sin-cos position table has requires_grad=False,
+    so it never reaches the optimiser.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return param_groups_weight_decay(model, weight_decay)
 
 
 def reconstruction_correlation(reconstruction: torch.Tensor, eeg: torch.Tensor) -> torch.Tensor:
@@ -87,10 +98,7 @@ def reconstruction_correlation(reconstruction: torch.Tensor, eeg: torch.Tensor) 
 
     Averaged over samples and channels (the authors monitor the first channel only).
     """
-    x = reconstruction.float() - reconstruction.float().mean(-1, keepdim=True)
-    y = eeg.float() - eeg.float().mean(-1, keepdim=True)
-    corr = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)
-    return corr.mean()
+    return pearson_r_torch(reconstruction, eeg).mean()
 
 
 class MAEPretrainModule(pl.LightningModule):
@@ -105,11 +113,15 @@ class MAEPretrainModule(pl.LightningModule):
         eeg = batch["eeg"]
         out = self.model(eeg)
         with torch.no_grad():
-            corr = reconstruction_correlation(self.model.unpatchify(out["pred"]), eeg)
+            recon = self.model.unpatchify(out["pred"])
+            hidden = hidden_samples(out["mask"], self.model.patch_size)
+            corr = {"recon_corr": reconstruction_correlation(recon, eeg),
+                    "masked_corr": masked_correlation(recon, eeg, hidden),
+                    "interp_corr": masked_correlation(interpolate_hidden(eeg, hidden), eeg, hidden)}
         n = eeg.shape[0]
-        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("train/recon_corr", corr, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True, batch_size=n)
+        log_terms(self, "train", {"loss": out["loss"]}, n, per_step=True)
+        log_terms(self, "train", corr, n)
+        log_learning_rate(self)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -118,12 +130,12 @@ class MAEPretrainModule(pl.LightningModule):
         generator = torch.Generator().manual_seed(self.config["seed"] + batch_idx)
         noise = torch.rand(eeg.shape[0], self.model.encoder.num_patches, generator=generator).to(eeg.device)
         out = self.model(eeg, noise=noise)
-        self.log("val/loss", out["loss"], on_epoch=True, batch_size=eeg.shape[0], sync_dist=True)
+        log_terms(self, "val", {"loss": out["loss"]}, eeg.shape[0], prog_bar=())
 
     def configure_optimizers(self):
         cfg = self.config
         groups = parameter_groups(self.model, cfg["weight_decay"])
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        optimizer = adamw(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs))
         warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
@@ -133,13 +145,15 @@ class MAEPretrainModule(pl.LightningModule):
             optimizer, warmup_steps, total_steps, min_lr_rate=cfg["min_lr"] / cfg["lr"])
         world = self.trainer.world_size
         accumulate = self.trainer.accumulate_grad_batches
-        rank_zero_info(
+        # our logger, not Lightning's rank_zero_info: Lightning's own lines are captured (core/logs.py)
+        (logger.info if self.trainer.is_global_zero else logger.debug)(
             "stage 1: effective batch {eff} ({b} per device x {w} devices x {a} accumulation), lr {lr:g} "
             "(min {mlr:g}), {spe} optimiser steps/epoch, {tot} steps in all, {wu} warm-up steps; "
             "parameters: {np_:,} ({nd:,} with weight decay)".format(
                 eff=cfg["batch_size"] * world * accumulate, b=cfg["batch_size"], w=world, a=accumulate,
                 lr=cfg["lr"], mlr=cfg["min_lr"], spe=steps_per_epoch, tot=total_steps, wu=warmup_steps,
-                np_=count_parameters(self.model), nd=sum(p.numel() for p in groups[0]["params"]),
+                np_=count_parameters(self.model),
+                nd=sum(p.numel() for g in groups if g["weight_decay"] for p in g["params"]),
             )
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -181,8 +195,11 @@ class PretrainData(pl.LightningDataModule):
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                      shuffle=shuffle, seed=self.seed)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, generator=self.generator)
+        # Workers persist across epochs: an item's crop is seeded by (seed, epoch, index), not by the worker.
+        return DataLoader(SeededItems(dataset), batch_size=self.batch_size, sampler=SeededSampler(sampler, self.seed),
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=self.generator,
+                          persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_eeg)  # a batch cropped into one buffer is handed on, not copied
 
     def train_dataloader(self) -> DataLoader:
         epoch = max(self.trainer.current_epoch, self.resume_epoch)
@@ -204,6 +221,8 @@ class MetricsCSV(EpochMetricsCSV):
             "loss": format_metric(metrics.get("train/loss_epoch", metrics.get("train/loss"))),
             "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}",
             "recon_corr": format_metric(metrics.get("train/recon_corr")),
+            "masked_corr": format_metric(metrics.get("train/masked_corr")),
+            "interp_corr": format_metric(metrics.get("train/interp_corr")),
             "val_loss": format_metric(metrics.get("val/loss")),
             "probe_val_acc": format_metric(metrics.get("probe/val_acc")) if trainer.current_epoch == getattr(
                 pl_module, "probe_epoch", None) else "",
@@ -225,7 +244,8 @@ class ReconstructionFigures(pl.Callback):
         if not trainer.is_global_zero or self.every_n_epochs <= 0 or self.n_samples <= 0:
             return
         dataset = trainer.train_dataloader.dataset
-        with isolated_rng(self.seed):  # the same crops every time, without touching training's streams
+        with isolate_rng():  # the same crops every time, without touching training's streams
+            seed_all(self.seed)
             items = [dataset[i]["eeg"] for i in range(min(self.n_samples, len(dataset)))]
         self.eeg = torch.stack(items)
 
@@ -238,7 +258,7 @@ class ReconstructionFigures(pl.Callback):
 
     @torch.no_grad()
     def save(self, model: MaskedEEGAutoencoder, path: Path, title: str) -> None:
-        # lazy: matplotlib (heavy to import) only when a figure is drawn
+        # imported here, not at the top - matplotlib (heavy to import) only when a figure is drawn
         import matplotlib
 
         matplotlib.use("Agg")
@@ -314,14 +334,15 @@ class StopAfterEpochs(pl.Callback):
 
 
 class ExportEncoder(pl.Callback):
-    """Write the `eeg_encoder/` export when training ends."""
+    """Write the `eeg_encoder/` export when training ends (all at once, from finite weights only)."""
 
     def __init__(self, dirpath: Path):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_eeg_encoder(pl_module.model.encoder, self.dirpath)
+            encoder = pl_module.model.encoder
+            write_export(self.dirpath, "EEG encoder", encoder.parameters(), lambda folder: save_eeg_encoder(encoder, folder))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -344,6 +365,12 @@ def check_config(cfg: DictConfig) -> None:
         (0 <= cfg.min_lr <= cfg.lr, f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr}"),
         (len(cfg.betas) == 2, f"betas must be two numbers, got {list(cfg.betas)}"),
         (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.checkpoint_every_n_epochs >= 0, f"checkpoint_every_n_epochs must be >= 0 (0 = off), got "
+                                             f"{cfg.checkpoint_every_n_epochs}"),
+        (cfg.figure_every_n_epochs >= 0, f"figure_every_n_epochs must be >= 0 (0 = off), got {cfg.figure_every_n_epochs}"),
+        (cfg.n_figure_samples >= 0 and cfg.n_figure_channels >= 1,
+         f"n_figure_samples must be >= 0 and n_figure_channels >= 1, got {cfg.n_figure_samples}, {cfg.n_figure_channels}"),
         (enc.n_times % enc.patch_size == 0,
          f"encoder.n_times ({enc.n_times}) must be a multiple of encoder.patch_size ({enc.patch_size})"),
         (enc.embed_dim % enc.num_heads == 0,
@@ -365,22 +392,24 @@ def check_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_trainer_settings(cfg)  # the trainer's values, and devices against torchrun's / SLURM's counts
 
 
 def build_datasets(cfg: DictConfig):
-    """(train, val or None) `EEGPretrainDataset`s; val holds `data.val_fraction` of the files."""
+    """(train, val or None) stage-1 datasets (a packed corpus or a folder of *.npy: `open_pretrain_corpus`);
+    val holds `data.val_fraction` of the windows. Only rank 0 updates the corpus's check records."""
 
-    full = EEGPretrainDataset.from_config(cfg.data)
-    n_val = int(round(len(full.files) * cfg.data.val_fraction))
+    full = open_pretrain_corpus(cfg.data, write_record=rank_zero_only.rank == 0)
+    n_val = int(round(len(full) * cfg.data.val_fraction))
     if n_val == 0:
         return full, None
-    order = np.random.default_rng(cfg.seed).permutation(len(full.files))
-    files = [full.files[i] for i in order]
-    if n_val >= len(files):
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no training files of {len(files)}")
-    return full.subset(files[n_val:]), full.subset(files[:n_val])
+    order = np.random.default_rng(cfg.seed).permutation(len(full))
+    if n_val >= len(order):
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} leaves no training files of {len(order)}")
+    return full.select(order[n_val:]), full.select(order[:n_val])
 
 
+@owns_output_folder("stage1", training_claim)  # refuses another stage's folder, other settings, a second run
 def run_pretraining(cfg: DictConfig) -> Path:
     """Train the MAE as `cfg` (a `Stage1Config`) says; return the output folder."""
     check_config(cfg)
@@ -400,7 +429,9 @@ def run_pretraining(cfg: DictConfig) -> Path:
         ReconstructionFigures(out_dir / "figures", cfg.figure_every_n_epochs, cfg.n_figure_samples,
                               cfg.n_figure_channels, cfg.seed),
         StopAfterEpochs(cfg.stop_after_epochs),
-        ExportEncoder(out_dir / "eeg_encoder"),
+        NonFiniteGuard(f"a learning rate too high (lr={cfg.lr}), or EEG of an implausible scale (data.scale="
+                       f"{cfg.data.scale}; the amplitude rule in datasets/README.md)", last),
+        export := ExportEncoder(out_dir / "eeg_encoder"),
         RunStats(out_dir / "runtime.json"),
         last_checkpoint(ckpt_dir),
         *([epoch_checkpoints(ckpt_dir, cfg.checkpoint_every_n_epochs)] if cfg.checkpoint_every_n_epochs > 0 else []),
@@ -419,7 +450,8 @@ def run_pretraining(cfg: DictConfig) -> Path:
         if cfg.data.skip_bad_files:
             train_set.write_skipped(out_dir / "skipped_files.txt")  # what the whole folder's scan skipped
         _print_once(paths, len(train_set), 0 if val_set is None else len(val_set))
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
+    fit(trainer, module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)
+    complete_export(export, trainer, module)  # a resume after the last epoch skips on_train_end
     if trainer.is_global_zero:
         _write_summary(cfg, out_dir, module, trainer, len(train_set))
     return out_dir
@@ -434,11 +466,14 @@ def _write_summary(cfg: DictConfig, out_dir: Path, module: MAEPretrainModule, tr
     summary = {"epochs_done": len(rows), "optimizer_steps": trainer.global_step, "n_training_windows": n_windows,
                "parameters": count_parameters(module.model),
                "encoder_parameters": count_parameters(module.model.encoder),
-               **{k: (float(final[k]) if final.get(k) else None) for k in ("loss", "recon_corr", "val_loss",
+               **{k: (float(final[k]) if final.get(k) else None) for k in ("loss", "recon_corr", "masked_corr",
+                                                                             "interp_corr", "val_loss",
                                                                              "probe_val_acc")}}
     table = [("epochs done", f"{summary['epochs_done']} of {cfg.epochs}"), ("optimiser steps", str(trainer.global_step)),
              ("final masked MSE (train)", final.get("loss") or "-"), ("final val loss", final.get("val_loss") or "-"),
              ("reconstruction correlation", final.get("recon_corr") or "-"),
+             ("hidden samples: reconstruction vs linear interpolation (correlation with the input)",
+              f"{final.get('masked_corr') or '-'} vs {final.get('interp_corr') or '-'}"),
              ("probe: linear val accuracy on paired data", final.get("probe_val_acc") or "-"),
              ("encoder parameters", f"{summary['encoder_parameters']:,}"), ("mask ratio", str(cfg.mask_ratio)),
              ("fidelity", cfg.fidelity)]
