@@ -251,7 +251,8 @@ def read_compvis_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"Stable Diffusion file {path} could not be read as safetensors: {err}") from err
-    return unwrap_state_dict(safe_torch_load(path, "Stable Diffusion checkpoint"), str(path))
+    # mmap: the 4-8 GB file is paged in as its tensors are copied into the models, and DDP ranks share the pages
+    return unwrap_state_dict(safe_torch_load(path, "Stable Diffusion checkpoint", mmap=True), str(path))
 
 
 def pop_scale_factor(state_dict: dict[str, torch.Tensor]) -> float | None:
@@ -387,7 +388,7 @@ def _split_generation_state(state: dict[str, torch.Tensor], source: str) -> Gene
 def read_generation_checkpoint(path: str | os.PathLike) -> GenerationCheckpoint:
     """The authors' released `checkpoint.pth`, split into our parts; read without running pickled code."""
     source = str(path)
-    checkpoint = safe_torch_load(path, "DreamDiffusion generation checkpoint")
+    checkpoint = safe_torch_load(path, "DreamDiffusion generation checkpoint", mmap=True)  # shared pages, read on use
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state_dict"), dict):
         raise CheckpointError(
             f"{source} is not an authors'-format generation checkpoint: expected a dict with "
