@@ -3,8 +3,10 @@
 import csv
 import math
 import os
+import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ import torch
 from conftest import REPO_ROOT
 from dreamdiffusion.config import STAGES, Stage1Config, load_saved_config
 from dreamdiffusion.core.errors import run_cli
+from dreamdiffusion.dataset import EEGPretrainDataset
 from dreamdiffusion.models.mae import MaskedEEGAutoencoder
 from dreamdiffusion.train import stage1
+from dreamdiffusion.train.lightning import seed_all
 from dreamdiffusion.train.stage1 import parameter_groups
 
 STAGE1 = STAGES["stage1"]
@@ -74,6 +78,8 @@ def test_cli_writes_everything_it_promises(corpus, tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1"]
     for row in rows:
         assert float(row["loss"]) > 0 and float(row["val_loss"]) > 0 and -1 <= float(row["recon_corr"]) <= 1
+        # the hidden samples' reconstruction beside linear interpolation across them (does the MAE learn?)
+        assert -1 <= float(row["masked_corr"]) <= 1 and 0 < float(row["interp_corr"]) <= 1
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # half-cosine decay after the warm-up epoch
 
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
@@ -105,6 +111,19 @@ def test_resume_after_two_epochs_equals_four_uninterrupted(corpus, tmp_path):
     rows_straight, rows_split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
     assert [r["epoch"] for r in rows_split] == ["0", "1", "2", "3"]
     assert [r["loss"] for r in rows_split] == [r["loss"] for r in rows_straight]
+
+
+def test_a_packed_corpus_trains_exactly_as_the_folder_it_was_packed_from(corpus, tmp_path):
+    from dreamdiffusion.data.packed_corpus import pack_folder
+
+    pack_folder(corpus, tmp_path / "packed")
+    common = {"epochs": 2, "figure_every_n_epochs": 0, "checkpoint_every_n_epochs": 0, "data.val_fraction": 0.25}
+    stage1.main(tiny_overrides(corpus, tmp_path / "folder", **common))
+    stage1.main(tiny_overrides(tmp_path / "packed", tmp_path / "packed_run", **common))
+    folder = model_weights(tmp_path / "folder" / "checkpoints" / "last.ckpt")
+    packed = model_weights(tmp_path / "packed_run" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(folder[name], packed[name]) for name in folder)
+    assert read_metrics(tmp_path / "folder")[-1]["val_loss"] == read_metrics(tmp_path / "packed_run")[-1]["val_loss"]
 
 
 def test_two_process_ddp_on_cpu(corpus, tmp_path):
@@ -162,7 +181,10 @@ def test_resuming_with_other_model_sizes_is_a_sentence(corpus, tmp_path, capsys)
     out = tmp_path / "run"
     stage1.main(tiny_overrides(corpus, out, epochs=1, warmup_epochs=0))
     args = tiny_overrides(corpus, out, epochs=2, warmup_epochs=0, resume="true", **{"encoder.embed_dim": 64})
-    assert run_cli(stage1.main, args) == 2
+    assert run_cli(stage1.main, args) == 2  # the folder's settings differ (core/run_folder.py) ...
+    err = capsys.readouterr().err
+    assert "made with encoder.embed_dim=32, not 64" in err and "Traceback" not in err
+    assert run_cli(stage1.main, [*args, "overwrite=true"]) == 2  # ... and, claimed anyway, so does last.ckpt
     err = capsys.readouterr().err
     assert "was not written by this stage with these model sizes" in err and "Traceback" not in err
 
@@ -173,17 +195,40 @@ def test_missing_corpus_exits_with_code_2(tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
 
 
-def test_weight_decay_only_on_weight_matrices():
+def test_weight_decay_as_the_authors_groups_it():
+    """timm's groups are the authors' rule written out: no decay on 1-D parameters and biases, decay on
+    every other trainable parameter, the cls and mask tokens included; the fixed pos_embed in none."""
     model = MaskedEEGAutoencoder(n_channels=8, n_times=64, embed_dim=32, depth=1, num_heads=4,
                                  decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    decay, no_decay = parameter_groups(model, 0.05)
+    no_decay, decay = parameter_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
-    assert not any(n.endswith(("bias", "cls_token", "mask_token")) or "norm" in n for n in decayed)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # the fixed sin-cos pos_embed is not
-    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) == len(list(model.parameters())) - 1
+    by_hand = {n: (0.0 if p.ndim <= 1 or n.endswith(".bias") else 0.05)
+               for n, p in model.named_parameters() if p.requires_grad}
+    grouped = {names[id(p)]: group["weight_decay"] for group in (no_decay, decay) for p in group["params"]}
+    assert grouped == by_hand and sum(map(len, (no_decay["params"], decay["params"]))) == len(grouped)
+    assert [names[id(p)] for p in decay["params"]] == [n for n, wd in by_hand.items() if wd]  # model order
+    assert {"encoder.cls_token", "mask_token", "encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight",
+            "decoder_pred.weight"} <= {n for n, wd in grouped.items() if wd}
+    assert not any(n.endswith("bias") or "norm" in n for n, wd in grouped.items() if wd)
+    assert len(grouped) == len(list(model.parameters())) - 1  # the fixed sin-cos pos_embed has no gradient
+
+
+def test_figure_windows_are_fixed_and_leave_the_random_streams_alone(corpus, tmp_path):
+    """The reconstruction figures draw their windows (random crops) seeded inside Lightning's isolate_rng:
+    the same windows on every run, what seeding gives, and training's python/numpy/torch streams untouched."""
+    dataset = EEGPretrainDataset(corpus, n_channels=8, n_times=64, write_record=False)
+    trainer = SimpleNamespace(is_global_zero=True, train_dataloader=SimpleNamespace(dataset=dataset))  # what it reads
+    windows = []
+    for _ in range(2):
+        seed_all(1)
+        figures = stage1.ReconstructionFigures(tmp_path, every_n_epochs=1, n_samples=3, n_channels=2, seed=7)
+        figures.on_train_start(trainer, None)
+        windows.append(figures.eeg)
+        after = (torch.rand(1), np.random.rand(), random.random())
+        seed_all(1)
+        assert after == (torch.rand(1), np.random.rand(), random.random())
+    seed_all(7)
+    assert torch.equal(windows[0], windows[1]) and torch.equal(windows[0], torch.stack([dataset[i]["eeg"] for i in range(3)]))
 
 
 def test_warmup_then_half_cosine_per_optimiser_step():

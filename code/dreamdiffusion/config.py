@@ -36,8 +36,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dreamdiffusion.core import fidelity as fidelity_manifest
 from dreamdiffusion.core.errors import ConfigError
+from dreamdiffusion.core.extras import check_extras
 from dreamdiffusion.core.files import atomic_write_text
 from dreamdiffusion.core.logs import configure_logging
+from dreamdiffusion.core.values import check_values
 
 
 def _find_repo_root() -> Path:
@@ -148,10 +150,12 @@ class TrainerConfig:
     """Lightning trainer settings shared by stages 1 and 2."""
 
     accelerator: str = "auto"  # auto | cpu | gpu
-    devices: Any = 1  # int, list of ids or "auto"; >1 runs DDP
+    devices: Any = 1  # int, list of ids or "auto"; >1 runs DDP; under torchrun / srun 1 = the launcher's count
     num_nodes: int = 1
     strategy: str = "auto"  # auto picks DDP when devices * num_nodes > 1
-    precision: str = "auto"  # auto = bf16-mixed on a GPU, 32 on the CPU
+    # auto = bf16-mixed on a GPU with native bf16 (compute capability >= 8.0), else 32; 16-mixed only by name
+    precision: str = "auto"
+    tf32: bool = True  # TF32 for the fp32 matrix products/convolutions on a GPU (core/precision.py)
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     num_workers: int = 2  # DataLoader workers per process
@@ -209,11 +213,15 @@ class PairedDataConfig:
     # Decode every image of the split once when the dataset is built, so a broken file stops the run
     # before training (seconds for ImageNet-EEG's 2,000 images); false: only check that they exist.
     check_images: bool = True
+    # A split whose test stimuli (images; THINGS-EEG2: images or concepts) also occur in train is refused
+    # (the repeated-stimulus confound, data/split_hygiene.py); true runs on it and lists it as a deviation.
+    allow_repeated_stimuli: bool = False
 
 
 @dataclass
 class PretrainDataConfig:
-    """Unpaired EEG for stage 1: every *.npy (channels x time) below `root`."""
+    """Unpaired EEG for stage 1: a packed corpus (a folder with corpus.json, dreamdiffusion.data.packed_corpus)
+    or every *.npy (channels x time) below `root`."""
 
     root: str = path_field("datasets/pretrain_eeg")
     n_channels: int = 128
@@ -221,6 +229,9 @@ class PretrainDataConfig:
     scale: float = 0.1  # the authors divide the raw signal by 10 before the MAE
     skip_bad_files: bool = False
     val_fraction: float = 0.0  # files held out for a validation loss (0 = none)
+    # The content checks of a folder of *.npy, kept with each file's size and mtime so a start-up
+    # re-checks only changed files (dreamdiffusion.data.check_record); null = <root>/eeg_checks.json.
+    check_record: str | None = path_field(None)
 
 
 @dataclass
@@ -267,6 +278,9 @@ class Stage1Config:
     # long run into jobs; continue with resume=true). None = run to `epochs`.
     stop_after_epochs: int | None = None
     resume: bool = False
+    # Claim an output_dir whose results were made with other settings: without resume, its earlier
+    # outputs are cleared first; with resume=true, training continues from last.ckpt with these settings.
+    overwrite: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +330,14 @@ class Stage2Config:
     weight_decay: float = 0.01  # torch's AdamW default, as in the authors' code
     grad_clip: float = 0.5
     gradient_checkpointing: bool = False
+    # Work done once (dreamdiffusion.data.stage2_cache): the frozen CLIP target's embeddings of the un-augmented
+    # images are computed when the fit starts (or read from cache_dir) instead of at every step - the same
+    # numbers. Only with a frozen target: trainable=authors_code trains CLIP's layer_norm2, so they change.
+    cache_clip_embeddings: bool = True
+    # The VAE posteriors of the un-cropped images, computed once (each step still draws its own sample):
+    # the random crop is then off - a deviation (core/fidelity.py).
+    cache_latents: bool = False
+    cache_dir: str | None = path_field(None)  # null = <output_dir>/cache; one folder for several runs reuses it
     # At start-up, one extra forward/backward on one sample measures the activations and prints the
     # computed peak memory next to the device's, with the settings to change when it will not fit.
     memory_check: bool = True
@@ -328,9 +350,19 @@ class Stage2Config:
     classifier_weights: str | None = path_field(None)  # weights file for `classifier` (see Stage3Config)
     n_way: int = 50
     resume: bool = False
+    # Claim an output_dir whose results were made with other settings: without resume, its earlier
+    # outputs are cleared first; with resume=true, training continues from last.ckpt with these settings.
+    overwrite: bool = False
     # What `<output_dir>/model` holds: "best" = best.ckpt, chosen on the val split (the authors
     # picked theirs on test); "last" = the final epoch. Recorded in model/selection.json.
     export: str = "best"
+    # The selection audit (train/selection_audit.py): at every validation also sample the first
+    # `audit_trials` test trials (`audit_slots` images each; needs `classifier`) and keep their n-way
+    # figures aside in selection_audit.json - never used to choose - to report which epoch the authors'
+    # rule (the best slot of the first 25 test trials) would have picked and how much higher its figure is.
+    selection_audit: bool = False
+    audit_trials: int = 25  # the authors' rule looks at the first 25 test trials
+    audit_slots: int = 5  # ... with 5 images each, keeping the best slot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,14 +397,17 @@ class Stage3Config:
     null_condition: str = "zero"
     batch_size: int = 5  # EEG trials per sampling batch (part of the images' identity: see generation.py)
     device: str = "auto"  # one process: auto | cpu | cuda | cuda:N
-    # Several processes (Lightning Fabric; or launch with torchrun and set devices to its process
-    # count): trials are sharded by batch across devices x num_nodes processes.
+    # Several processes (Lightning Fabric; or started by torchrun / srun, whose process counts are taken
+    # when devices / num_nodes are left at 1): trials are sharded by batch across the processes.
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "ddp"
     rank_timeout_s: float = 3600.0  # how long rank 0 waits for the other processes' trials
     progress_bar: bool = True
-    precision: str = "auto"  # auto = fp16 on a GPU, fp32 on the CPU
+    # Generation dtype: auto = bf16 on a GPU with native bf16 (compute capability >= 8.0), else fp32;
+    # fp16 only by name (its range ends at 65504). The EEG encoder stays fp32 whatever this says.
+    precision: str = "auto"
+    tf32: bool = True  # TF32 for the fp32 matrix products/convolutions on a GPU (generation at fp32, scoring)
     # The n-way classifier: "torchvision:vit_h_14" (the paper's), "timm:<name>", or a local folder
     # with a saved classifier; weights from `classifier_weights` when given.
     classifier: str = path_field("torchvision:vit_h_14", "spec")
@@ -480,9 +515,10 @@ def build_config(
             values = OmegaConf.from_dotlist(fidelity_manifest.authors_code_values(schema.stage))
             cfg = _merged(schema, files + [(values, "fidelity=authors_code (dreamdiffusion.core.fidelity)")] + extra)
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config cannot be resolved: {err}") from err
+    check_values(plain)  # finite floats, seeds in range, device strings (dreamdiffusion.core.values)
     return cfg
 
 
@@ -501,6 +537,7 @@ def parse_args(
         prog=prog,
         description=description,
         epilog="Overrides are dotted keys, e.g. `batch_size=8 encoder.depth=12`. "
+        "--verbose shows third-party output (loading reports, Lightning's set-up lines); --debug shows tracebacks. "
         "Paths are relative to the repository root unless absolute.",
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -580,6 +617,7 @@ class Stage:
         cfg = self.parse_args(argv)
         if cfg is None:  # --print-config
             return None
+        check_extras(cfg)  # an optional feature without its extra stops here, before any work
         configure_logging()
         return runner(cfg)
 

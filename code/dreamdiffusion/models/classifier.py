@@ -26,13 +26,13 @@ from typing import Any
 import timm
 import torch
 import torchvision
-from huggingface_hub import is_offline_mode
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torchvision.models import get_model_weights
 
+from dreamdiffusion.core.compat import is_offline_mode
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
 from dreamdiffusion.core.files import atomic_path, atomic_write_json
 
@@ -51,8 +51,13 @@ class ImageClassifier(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.transform = transform
         self.class_names = list(class_names) if class_names is not None else None
+        n_outputs = getattr(model, "num_classes", None)
+        if self.class_names and n_outputs is not None and n_outputs != len(self.class_names):
+            raise CheckpointError(f"classifier {name or type(model).__name__}: {len(self.class_names)} class names for a "
+                                  f"model of {n_outputs} classes - its class_names (classifier.json) must list one name "
+                                  "per class (save it again with save_local_classifier)")
         # known without a forward pass: from the class names, else timm's `num_classes`
-        self.n_classes = len(self.class_names) if self.class_names else getattr(model, "num_classes", None)
+        self.n_classes = len(self.class_names) if self.class_names else n_outputs
         self.name = name
         self.eval()
 
@@ -174,9 +179,12 @@ def classifier_classes(spec: str, weights: str | os.PathLike | None = None) -> i
             raise CheckpointError(f"classifier '{spec}' needs a local weights file in offline mode")
         return None
     meta = _folder_meta(spec)
-    if meta.get("class_names"):
-        return len(meta["class_names"])
-    return (meta.get("kwargs") or {}).get("num_classes")
+    names, declared = meta.get("class_names"), (meta.get("kwargs") or {}).get("num_classes")
+    if names and declared is not None and len(names) != declared:
+        raise CheckpointError(f"{Path(spec) / 'classifier.json'} lists {len(names)} class names for a model of "
+                              f"{declared} classes (kwargs.num_classes): one name per class is needed (save the "
+                              "classifier again with save_local_classifier)")
+    return len(names) if names else declared
 
 
 def _folder_meta(spec: str) -> dict[str, Any]:

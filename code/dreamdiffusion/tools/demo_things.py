@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamdiffusion.config import REPO_ROOT
+from dreamdiffusion.core.files import atomic_write_json
 from dreamdiffusion.data.synthetic_things_eeg2 import write_synthetic_things_eeg2
 from dreamdiffusion.evaluation import stage3
 from dreamdiffusion.tools.demo_world import build_demo_world
@@ -107,7 +108,7 @@ def write_things_results(results_dir: Path, reports: dict[str, dict], timings: d
     results_dir.mkdir(parents=True, exist_ok=True)
     summary = {"retrieval": {row: r["metrics"]["retrieval_table"] for row, r in reports.items()},
                "recon": recon, "skipped": reports["full"]["skipped"], "timings_s": timings, "world": WORLD}
-    (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(results_dir / "metrics.json", summary)  # no NaN in JSON (core/files.py)
     (results_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary

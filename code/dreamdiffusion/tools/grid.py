@@ -10,18 +10,24 @@ settings every run of a stage shares, and the stage-1 encoders rows may share) a
     stage2/<row>       eeg_encoder_path = the row's stage-1 export (null: trained from scratch)
     stage3/<row>       model = the row's stage-2 export
 
+With `seeds` = N > 1 the whole table is planned N times: seed 0 as above (so a one-seed table's runs
+are reused), seed k under `seed<k>/` with each stage's `seed` raised by k (and the probe's random
+encoder seeded k); a stage-1 encoder is still trained once per seed and shared by that seed's rows.
+
 Each run is the stage's own script in a subprocess, in its own folder under `outputs`; a finished run
 (its final files present, its config.yaml the planned one) is skipped, so the command resumes. A
 finished run whose config differs is an error naming the run. Placeholders `{name}` in a spec's
 strings are filled from the caller's context (e.g. the demo's world paths). `results.md` and
 `metrics.json` gather each row's top-1 (mean and best slot, with intervals), its retrieval, the
-probe of its encoder, and the paper's figure.
+probe of its encoder, and the paper's figure; over several seeds, each figure as mean +- sd with the
+per-seed values and, for the top-1, a bootstrap interval over test trials pooled across the seeds
+(`tools/seeds.py`), and the number of seeds behind it.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -37,9 +43,12 @@ from tqdm.auto import tqdm
 
 from dreamdiffusion.config import REPO_ROOT, STAGES, resolve_path, resolved
 from dreamdiffusion.core.errors import ConfigError, DreamDiffusionError
-from dreamdiffusion.core.files import atomic_write_json, atomic_write_text
+from dreamdiffusion.core.files import atomic_write_json, atomic_write_text, read_own_json
+from dreamdiffusion.tools.seeds import combine_seeds, pct_spread, probe_rows_over_seeds
 
 PHASES = ("stage1", "probe", "stage2", "stage3")
+# Row and encoder names become folder names under `outputs`: no path separators, no "..", no hidden names.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -59,9 +68,10 @@ class RowSpec:
     train: bool = True  # false: no stage-2 run (the class-name oracle uses base SD)
     stage2: StageArgs = field(default_factory=StageArgs)
     stage3: StageArgs = field(default_factory=StageArgs)
-    # The paper's 50-way top-1 (%) for this row, where the paper reports it; null = not reported / not
-    # transcribed here.
+    # The paper's 50-way top-1 (%) for this row, where the paper reports it; null = the paper gives none
+    # (then `paper_note` says so).
     paper_top1: float | None = None
+    paper_note: str | None = None  # where the figure comes from, or why there is none
     control: bool = False  # a control row (shuffled labels, oracle): not a method
 
 
@@ -102,6 +112,10 @@ def load_grid(folder: str | Path) -> tuple[GridSpec, list[RowSpec]]:
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ConfigError(f"{folder}: two rows share a name ({names})")
+    for kind, name in [("row", n) for n in names] + [("encoder", e) for e in spec.encoders]:
+        if not PLAIN_NAME.fullmatch(name):
+            raise ConfigError(f"{folder}: the {kind} name {name!r} is not a plain name (letters, digits, '_', '-', '.'; "
+                              "starting with a letter or digit; at most 100 characters): it names a run folder")
     for row in rows:
         if row.encoder is not None and row.encoder not in spec.encoders:
             raise ConfigError(f"{folder}: row '{row.name}' uses encoder '{row.encoder}', which grid.yaml's "
@@ -117,11 +131,13 @@ def load_grid(folder: str | Path) -> tuple[GridSpec, list[RowSpec]]:
 class Run:
     """One run of a stage script (or of the probe command) in its own folder."""
 
-    name: str  # "stage2/full"
+    name: str  # "stage2/full" (seed 0), "seed1/stage2/full"
     phase: str  # stage1 | probe | stage2 | stage3
     args: list[str]  # the command line after the script
     output_dir: Path
     epochs: int = 1  # progress units: epochs of stages 1-2, one for the others
+    seed: int = 0  # which of the grid's seeds (0 = the one-seed table's run)
+    key: str = ""  # the row's (stage 2-3) or the encoder's (stage 1, probe) name
 
     @property
     def command(self) -> list[str]:
@@ -130,7 +146,7 @@ class Run:
         return [sys.executable, str(STAGES[self.phase].script_path), *self.args]
 
     def done(self) -> bool:
-        final = {"stage1": "eeg_encoder/model.safetensors", "probe": "probe.json", "stage2": "model/dreamdiffusion.json",
+        final = {"stage1": "eeg_encoder/model.safetensors", "probe": "probe.json", "stage2": "model/model_index.json",
                  "stage3": "metrics.json"}[self.phase]
         return (self.output_dir / final).is_file() and (self.phase == "probe" or (self.output_dir / "metrics.json").is_file())
 
@@ -157,54 +173,76 @@ def _as_args(files: list[str], overrides: list[str]) -> list[str]:
 
 
 def plan(spec: GridSpec, rows: Sequence[RowSpec], context: dict[str, str] | None = None,
-         extra: dict[str, list[str]] | None = None) -> list[Run]:
-    """The runs of `rows`, in phase order; `extra[stage]` overrides go to every run of that stage
-    (e.g. trainer.devices=8)."""
+         extra: dict[str, list[str]] | None = None, seeds: int = 1) -> list[Run]:
+    """The runs of `rows` for each of `seeds` seeds, in phase order; `extra[stage]` overrides go to every
+    run of that stage (e.g. trainer.devices=8)."""
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
     context, extra = {**(context or {})}, extra or {}
     out = resolve_path(_fill([spec.outputs], context)[0])
+    runs = [run for k in range(seeds) for run in _plan_seed(spec, rows, context, extra, out, k)]
+    return sorted(runs, key=lambda r: PHASES.index(r.phase))  # stable: seed order within a phase
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    """Where seed `seed`'s runs go: `outputs` itself for seed 0, `outputs/seed<k>` for the others."""
+    return out if seed == 0 else out / f"seed{seed}"
+
+
+def _seeded(stage: str, files: list[str], overrides: list[str], seed: int) -> list[str]:
+    """`overrides` plus, for seed k > 0, the stage's own seed (as these files set it) raised by k."""
+    if seed == 0:
+        return overrides
+    return [*overrides, f"seed={int(STAGES[stage].build_config(files, overrides).seed) + seed}"]
+
+
+def _plan_seed(spec: GridSpec, rows: Sequence[RowSpec], context: dict[str, str], extra: dict[str, list[str]],
+               out: Path, k: int) -> list[Run]:
+    """The runs of one seed: stage 1 per encoder, stage 2 per trained row, the probes, stage 3 per row."""
+    base, prefix = seed_folder(out, k), "" if k == 0 else f"seed{k}/"
     quiet = {"stage1": ["trainer.progress_bar=false"], "stage2": ["trainer.progress_bar=false"],
              "stage3": ["progress_bar=false"]}
-    runs: list[Run] = []
-    for enc in dict.fromkeys(r.encoder for r in rows if r.encoder is not None):
-        files, overrides = _stage_args(spec.stage1, StageArgs(overrides=spec.encoders[enc]),
-                                       [f"output_dir={out / 'stage1' / enc}", *quiet["stage1"], *extra.get("stage1", [])],
-                                       context)
-        runs.append(Run(f"stage1/{enc}", "stage1", _as_args(files, overrides), out / "stage1" / enc,
-                        int(STAGES["stage1"].build_config(files, overrides).epochs)))
+
+    def run(phase: str, key: str, common: StageArgs, own: StageArgs | None, planner: list[str]) -> Run:
+        files, overrides = _stage_args(common, own, [f"output_dir={base / phase / key}", *planner, *quiet[phase],
+                                                     *extra.get(phase, [])], context)
+        overrides = _seeded(phase, files, overrides, k)
+        cfg = STAGES[phase].build_config(files, overrides)  # a bad key or value is an error now, not after training
+        epochs = int(cfg.epochs) if phase != "stage3" else 1
+        return Run(f"{prefix}{phase}/{key}", phase, _as_args(files, overrides), base / phase / key, epochs, k, key)
+
+    runs = [run("stage1", enc, spec.stage1, StageArgs(overrides=spec.encoders[enc]), [])
+            for enc in dict.fromkeys(r.encoder for r in rows if r.encoder is not None)]
     for row in rows:
-        if not row.train:
-            continue
-        encoder = f"eeg_encoder_path={out / 'stage1' / row.encoder / 'eeg_encoder'}" if row.encoder else \
-            "eeg_encoder_path=null"
-        files, overrides = _stage_args(spec.stage2, row.stage2, [encoder, f"output_dir={out / 'stage2' / row.name}",
-                                                                 *quiet["stage2"], *extra.get("stage2", [])], context)
-        runs.append(Run(f"stage2/{row.name}", "stage2", _as_args(files, overrides), out / "stage2" / row.name,
-                        int(STAGES["stage2"].build_config(files, overrides).epochs)))
+        if row.train:
+            encoder = f"eeg_encoder_path={base / 'stage1' / row.encoder / 'eeg_encoder'}" if row.encoder else \
+                "eeg_encoder_path=null"
+            runs.append(run("stage2", row.name, spec.stage2, row.stage2, [encoder]))
     if spec.probe:
-        runs += _probe_runs(spec, rows, runs, out, context)
+        runs += _probe_runs(spec, rows, runs, base, context, k)
     for row in rows:
-        model = [f"model={out / 'stage2' / row.name / 'model'}"] if row.train else []
-        files, overrides = _stage_args(spec.stage3, row.stage3, [*model, f"output_dir={out / 'stage3' / row.name}",
-                                                                 *quiet["stage3"], *extra.get("stage3", [])], context)
-        STAGES["stage3"].build_config(files, overrides)  # a bad key or value is an error now, not after training
-        runs.append(Run(f"stage3/{row.name}", "stage3", _as_args(files, overrides), out / "stage3" / row.name))
-    return sorted(runs, key=lambda r: PHASES.index(r.phase))
+        model = [f"model={base / 'stage2' / row.name / 'model'}"] if row.train else []
+        runs.append(run("stage3", row.name, spec.stage3, row.stage3, model))
+    return runs
 
 
-def _probe_runs(spec: GridSpec, rows: Sequence[RowSpec], runs: list[Run], out: Path, context) -> list[Run]:
-    """One probe per stage-1 encoder, on the data of the first stage-2 run that uses it."""
+def _probe_runs(spec: GridSpec, rows: Sequence[RowSpec], runs: list[Run], out: Path, context, seed: int = 0
+                ) -> list[Run]:
+    """One probe per stage-1 encoder, on the data of the first stage-2 run that uses it (seed k > 0: its
+    random encoder seeded k)."""
     probes = []
     for enc in dict.fromkeys(r.encoder for r in rows if r.encoder is not None):
         row = next((r for r in rows if r.encoder == enc and r.train), None)
         if row is None:
             continue
-        stage2 = next(r for r in runs if r.name == f"stage2/{row.name}")
+        stage2 = next(r for r in runs if r.phase == "stage2" and r.key == row.name)
         data = resolved(STAGES["stage2"].build_config(*_split_args(stage2.args))).data
         args = ["--encoder", str(out / "stage1" / enc / "eeg_encoder"), "--eeg", data.eeg_path, "--splits",
                 data.splits_path, "--subject", str(data.subject), "--split-index", str(data.split_index),
                 "--time-window", *map(str, data.time_window), "--n-times", str(data.n_times),
-                "--out", str(out / "probe" / enc), *_fill(spec.probe_args, context)]
-        probes.append(Run(f"probe/{enc}", "probe", args, out / "probe" / enc))
+                "--out", str(out / "probe" / enc), *_fill(spec.probe_args, context), *(["--seed", str(seed)] if seed else [])]
+        probes.append(Run(f"{'' if seed == 0 else f'seed{seed}/'}probe/{enc}", "probe", args, out / "probe" / enc,
+                          seed=seed, key=enc))
     return probes
 
 
@@ -224,7 +262,11 @@ def check_finished(run: Run) -> None:
         return
     planned = OmegaConf.to_container(STAGES[run.phase].build_config(*_split_args(run.args)))
     saved_file = run.output_dir / "config.yaml"
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file)) if saved_file.is_file() else None
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file)) if saved_file.is_file() else None
+    except Exception as err:  # yaml's scanner / parser errors
+        raise ConfigError(f"{saved_file} is damaged ({str(err).splitlines()[0]}): delete {run.output_dir} to run "
+                          f"{run.name} again") from err
     if saved != planned:
         differs = sorted(k for k in planned if saved is None or saved.get(k) != planned[k])
         raise ConfigError(f"{run.name} in {run.output_dir} was made with other settings ({', '.join(differs[:4])} "
@@ -355,13 +397,29 @@ class GridRunner:
         self.timings[phase] = round(time.perf_counter() - started, 1)
 
 
-def dry_run(runs: Sequence[Run]) -> str:
-    """The runs and their commands, as the runner would start them."""
+def dry_run(runs: Sequence[Run], rows: Sequence[RowSpec] = ()) -> str:
+    """The runs and their commands, as the runner would start them; with `rows`, first each row and the
+    paper's figure it is meant to reproduce (repeated on its stage-2 and stage-3 runs)."""
     lines = []
+    if rows:
+        lines.append("# The rows, and the paper's figure each is meant to reproduce (50-way top-1, subject 4):")
+        width = max(len(r.name) for r in rows)
+        lines += [f"#   {r.name:<{width}}  {r.label}  ->  {paper_figure(r)}" for r in rows]
+        lines.append("")
+    by_name = {r.name: r for r in rows}
     for run in runs:
         state = "done, would be skipped" if run.done() else "to run"
-        lines += [f"# {run.name} ({state}) -> {run.output_dir}", " ".join(_quote(a) for a in run.command), ""]
+        row = by_name.get(run.key) if run.phase in ("stage2", "stage3") else None
+        paper = f"; {paper_figure(row)}" if row is not None else ""
+        lines += [f"# {run.name} ({state}) -> {run.output_dir}{paper}", " ".join(_quote(a) for a in run.command), ""]
     return "\n".join(lines)
+
+
+def paper_figure(row: RowSpec) -> str:
+    """"the paper: 45.8%", or "the paper: no figure (<why>)"."""
+    if row.paper_top1 is not None:
+        return f"the paper: {row.paper_top1:.1f}%"
+    return f"the paper: no figure ({row.paper_note or 'none given'})"
 
 
 def _quote(arg: str) -> str:
@@ -373,7 +431,10 @@ def _quote(arg: str) -> str:
 
 
 def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A finished run's JSON (None when the run has not written it)."""
+    if not path.is_file():
+        return None
+    return read_own_json(path, f"delete {path.parent} and run the grid again (that run is then redone)")
 
 
 def row_summary(report: dict[str, Any] | None, probe: dict[str, Any] | None) -> dict[str, Any]:
@@ -397,16 +458,24 @@ def row_summary(report: dict[str, Any] | None, probe: dict[str, Any] | None) -> 
 
 
 def summarise(spec: GridSpec, rows: Sequence[RowSpec], runs: Sequence[Run]) -> dict[str, Any]:
-    """metrics.json of the grid: per row its figures; per encoder its probe report."""
-    by_name = {r.name: r for r in runs}
-    probes = {r.name.split("/", 1)[1]: _load(r.output_dir / "probe.json") for r in runs if r.phase == "probe"}
-    summary = {"title": spec.title, "rows": {}, "probes": probes}
+    """metrics.json of the grid: per row its figures over the seeds (`seeds.combine_seeds`); per encoder
+    the probe report of seed 0 (and, over several seeds, every seed's under `probes_by_seed`)."""
+    n_seeds = max(r.seed for r in runs) + 1 if runs else 1
+    probe_runs = {(r.key, r.seed): r for r in runs if r.phase == "probe"}
+    by_seed = {(enc, k): _load(run.output_dir / "probe.json") for (enc, k), run in probe_runs.items()}
+    encoders = list(dict.fromkeys(enc for enc, _ in probe_runs))
+    summary = {"title": spec.title, "seeds": n_seeds, "rows": {}, "probes": {enc: by_seed[(enc, 0)] for enc in encoders}}
+    if n_seeds > 1:
+        summary["probes_by_seed"] = {enc: [by_seed.get((enc, k)) for k in range(n_seeds)] for enc in encoders}
+    stage3 = {(r.key, r.seed): r for r in runs if r.phase == "stage3"}
     for row in rows:
-        report = _load(by_name[f"stage3/{row.name}"].output_dir / "metrics.json")
+        reports = [_load(stage3[(row.name, k)].output_dir / "metrics.json") for k in range(n_seeds)]
+        per_seed = [row_summary(report, by_seed.get((row.encoder, k)) if row.encoder else None)
+                    for k, report in enumerate(reports)]
         summary["rows"][row.name] = {"label": row.label, "encoder": row.encoder, "control": row.control,
-                                     "paper_top1": row.paper_top1,
-                                     **row_summary(report, probes.get(row.encoder) if row.encoder else None),
-                                     "stage3_metrics": str(by_name[f"stage3/{row.name}"].output_dir / "metrics.json")}
+                                     "paper_top1": row.paper_top1, "paper_note": row.paper_note,
+                                     **combine_seeds(per_seed, reports),
+                                     "stage3_metrics": str(stage3[(row.name, 0)].output_dir / "metrics.json")}
     done = [r for r in summary["rows"].values() if r["status"] == "done"]
     if done:
         summary["n_way"], summary["chance"] = done[0]["n_way"], 1.0 / done[0]["n_way"]
@@ -419,31 +488,74 @@ def _pct(value: float | None, ci: Sequence[float] | None = None) -> str:
     return f"{value:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
 
 
+def _paper(row: dict[str, Any]) -> str:
+    return "–" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}%"
+
+
 def results_markdown(summary: dict[str, Any]) -> str:
-    n_way = summary.get("n_way")
+    n_way, n_seeds = summary.get("n_way"), summary.get("seeds", 1)
+    spread = " ± sd over seeds (each seed)" if n_seeds > 1 else ""
+    interval = "pooled 95% CI" if n_seeds > 1 else "95% CI"
     lines = [f"# {summary['title']}", "",
-             f"| Row | {n_way}-way top-1, mean of slots [95% CI] | x chance | best slot [95% CI] | EEG→image retrieval "
-             "| probe of its encoder (linear, test) | the paper |", "|---|---|---|---|---|---|---|"]
+             f"| Row | {n_way}-way top-1, mean of slots{spread} [{interval}] | x chance | best slot{spread} | "
+             "EEG→image retrieval | probe of its encoder (linear, test) | seeds | the paper |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in summary["rows"].items():
-        paper = "–" if r["paper_top1"] is None else f"{r['paper_top1']:.1f}%"
         if r["status"] != "done" or "top1" not in r:
-            lines.append(f"| **{name}**: {r['label']} | {r['status']} | | | | | {paper} |")
+            lines.append(f"| **{name}**: {r['label']} | {r['status']} | | | | | {r.get('seeds', 0)} | {_paper(r)} |")
             continue
+        top1 = pct_spread(r["top1"], r.get("top1_sd"), r.get("top1_per_seed", ()))
+        ci = r.get("top1_ci")
+        best = pct_spread(r["top1_best_slot"], r.get("top1_best_slot_sd"), r.get("top1_best_slot_per_seed", ()))
+        if r.get("seeds", 1) == 1:
+            best = _pct(r["top1_best_slot"], r.get("top1_best_slot_ci"))
+        retrieval = "–" if r["retrieval_top1"] is None else \
+            f"{pct_spread(r['retrieval_top1'], r.get('retrieval_top1_sd'), r.get('retrieval_top1_per_seed', ()))} " \
+            f"({r['retrieval_n_way']}-way)"
         probe = r.get("probe", {}).get("encoder/linear")
-        retrieval = "–" if r["retrieval_top1"] is None else f"{r['retrieval_top1']:.1%} ({r['retrieval_n_way']}-way)"
-        lines.append(f"| **{name}**: {r['label']} | {_pct(r['top1'], r['top1_ci'])} | {r['top1'] * n_way:.1f} | "
-                     f"{_pct(r['top1_best_slot'], r['top1_best_slot_ci'])} | {retrieval} | {_pct(probe)} | {paper} |")
-    lines += ["", "Brackets: bootstrap 95% intervals over test trials. \"Best slot\" is the best of the per-slot means "
-              "(the paper's \"max\"), an optimistic selection. The paper's column shows only the figures transcribed "
-              "into the row files (`paper_top1`)."]
+        probe_text = pct_spread(probe, (r.get("probe_sd") or {}).get("encoder/linear"),
+                                (r.get("probe_per_seed") or {}).get("encoder/linear", ()))
+        lines.append(f"| **{name}**: {r['label']} | {top1}{f' [{ci[0]:.1%}, {ci[1]:.1%}]' if ci else ''} | "
+                     f"{r['top1'] * n_way:.1f} | {best} | {retrieval} | {probe_text} | {r['seeds']} | {_paper(r)} |")
+    lines += ["", _table_note(summary)]
+    lines += _probe_sections(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _table_note(summary: dict[str, Any]) -> str:
+    seeds = summary.get("seeds", 1)
+    how = ("Each figure is one run (one seed): brackets are bootstrap 95% intervals over test trials, and say "
+           "nothing about how much another seed would move it." if seeds == 1 else
+           f"Each figure is the mean over the seeds that finished (the \"seeds\" column; {seeds} planned) ± their "
+           "sample sd, with each seed's figure in parentheses after it; the top-1's interval is a bootstrap over test "
+           "trials pooled across the seeds (the same trials resampled in every seed; `tools/seeds.py`).")
+    notes = [f"`{name}`: {r['paper_note']}" for name, r in summary["rows"].items() if r.get("paper_note")]
+    return (how + " \"Best slot\" is the best of the per-slot means (the paper's \"max\"), an optimistic selection "
+            "(its interval is BCa, bias-corrected and accelerated; the others are percentile intervals). "
+            "The paper's column: its 50-way top-1 on subject 4 (Bai et al., DreamDiffusion, ECCV 2024, ablation "
+            "table), from the row files' `paper_top1`" + (f"; {'; '.join(notes)}." if notes else "."))
+
+
+def _probe_sections(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    by_seed = summary.get("probes_by_seed")
     for enc, probe in summary["probes"].items():
-        if probe is None:
+        rows = probe_rows_over_seeds(by_seed[enc]) if by_seed else []
+        if probe is None and not rows:
+            continue
+        if rows:
+            first = next(p for p in by_seed[enc] if p is not None)
+            lines += ["", f"## Encoder probe: {enc} ({first['n_classes']} classes, chance {first['chance']:.1%}; "
+                      f"{rows[0]['seeds']} seeds)", "", "| features | probe | val (mean) | test, mean ± sd (each seed) |",
+                      "|---|---|---|---|"]
+            lines += [f"| {p['features']} | {p['probe']} | {_pct(p['val_mean'])} | "
+                      f"{pct_spread(p['test_mean'], p['test_sd'], p['test_per_seed'])} |" for p in rows]
             continue
         lines += ["", f"## Encoder probe: {enc} ({probe['n_classes']} classes, chance {probe['chance']:.1%})", "",
                   "| features | probe | val [95% CI] | test [95% CI] |", "|---|---|---|---|"]
         lines += [f"| {p['features']} | {p['probe']} | {_pct(p['val']['accuracy'], p['val']['ci95'])} | "
                   f"{_pct(p['test']['accuracy'], p['test']['ci95'])} |" for p in probe["rows"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_results(spec: GridSpec, rows: Sequence[RowSpec], runs: Sequence[Run], context: dict[str, str] | None = None,

@@ -146,7 +146,7 @@ class MAEPretrainModule(pl.LightningModule):
         world = self.trainer.world_size
         accumulate = self.trainer.accumulate_grad_batches
         # our logger, not Lightning's rank_zero_info: Lightning's own lines are captured (core/logs.py)
-        (logger.info if self.trainer.is_global_zero else logger.debug)(
+        (logger.info if rank_zero_only.rank == 0 else logger.debug)(
             "stage 1: effective batch {eff} ({b} per device x {w} devices x {a} accumulation), lr {lr:g} "
             "(min {mlr:g}), {spe} optimiser steps/epoch, {tot} steps in all, {wu} warm-up steps; "
             "parameters: {np_:,} ({nd:,} with weight decay)".format(

@@ -8,9 +8,12 @@
     checkpoints/last.ckpt        after every epoch (resume=true continues from it)
     checkpoints/best.ckpt        best val loss (the training objective: diffusion + clip_weight x CLIP
                                  term), or best val top-1 when a classifier is set
-    model/                       the final model (`DreamDiffusion.save_pretrained`) + selection.json
-                                 + training.json (the config and its deviations, for stage 3)
+    model/                       the final model, a diffusers pipeline folder (`DreamDiffusionPipeline.
+                                 from_pretrained` reads it) + selection.json + training.json (the config,
+                                 its deviations and the val figures, for stage 3) + README.md (model card)
     metrics.json, results.md     the run's summary and its deviations from the paper / the authors' code
+    cache/                       the CLIP embeddings (and with cache_latents the VAE latents) of the
+                                 images, computed once (train/stage2_cache.py; cache_dir moves it)
 Checkpoints hold only what trains (plus the conditioner's buffers), the optimiser state and the
 config - not the frozen SD1.5 weights, which come from `sd_path` again on resume.
 Checkpoint selection only ever looks at the val split.
@@ -19,7 +22,6 @@ Checkpoint selection only ever looks at the val split.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +37,18 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from dreamdiffusion.config import STAGES, deviations, resolved, save_config, to_container
+from dreamdiffusion.core.compat import FIT_WEIGHTS_ONLY
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
-from dreamdiffusion.core.files import atomic_path, atomic_write_json, atomic_write_text, check_output_dir
-from dreamdiffusion.core.memory import GIB, advice, device_memory, estimate
+from dreamdiffusion.core.files import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    read_own_json,
+)
+from dreamdiffusion.core.images import to_uint8
+from dreamdiffusion.core.memory import AUTOCAST_DTYPES, GIB, advice, device_memory, estimate, store_frozen_at
+from dreamdiffusion.core.run_folder import check_export, owns_output_folder
 from dreamdiffusion.dataset import paired_dataset
 from dreamdiffusion.evaluation.scoring import MetricNetworks, Scorer
 from dreamdiffusion.models.classifier import check_n_way, load_classifier
@@ -53,18 +64,25 @@ from dreamdiffusion.models.dreamdiffusion import (
 from dreamdiffusion.models.mae import PATCH_EMBED_INITS, build_encoder, load_eeg_encoder
 from dreamdiffusion.models.pipeline import SAMPLERS, DreamDiffusionPipeline
 from dreamdiffusion.models.sd15 import DOWNLOAD_HINT, load_sd15
+from dreamdiffusion.train.guards import NonFiniteGuard, complete_export, fit, training_claim, write_export
 from dreamdiffusion.train.lightning import (
     EpochMetricsCSV,
     EpochSeed,
     RunStats,
+    adamw,
     best_checkpoint,
     build_trainer,
     check_resume_checkpoint,
+    check_trainer_settings,
     format_metric,
     last_checkpoint,
+    log_terms,
     output_paths,
     write_run_summary,
 )
+from dreamdiffusion.train.model_card import write_model_card
+from dreamdiffusion.train.selection_audit import SelectionAudit, audit_table_rows, summarise_audit
+from dreamdiffusion.train.stage2_cache import work_done_once
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +114,18 @@ class Stage2Module(pl.LightningModule):
         self.memory_sample: dict[str, Any] | None = None  # one training item, for the start-up memory estimate
         self.runtime: dict[str, Any] = {}
 
+    def setup(self, stage: str) -> None:
+        """Under autocast, the frozen CLIP image encoder's matrix layers are stored at the autocast dtype
+        (`store_frozen_at`: the same results, no per-step casts, half its memory). It only ever runs
+        inside `training_losses`, under autocast, and is never saved."""
+        dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if dtype is not None and self.model.clip_encoder is not None:
+            saved = store_frozen_at(self.model.clip_encoder, dtype)
+            self.runtime["frozen_clip_matrices"] = f"{dtype} ({saved / GIB:.2f} GiB saved)"
+
     def on_fit_start(self) -> None:
-        """The computed peak memory of this run's training step, next to the device's memory, with the
-        settings to change when it will not fit (dreamdiffusion.core.memory)."""
+        """The computed peak memory of this run's training step, next to the memory free on this
+        process's device, with the settings to change when it will not fit (dreamdiffusion.core.memory)."""
 
         if self.memory_sample is None:
             return
@@ -107,13 +134,16 @@ class Stage2Module(pl.LightningModule):
         def loss(n: int) -> torch.Tensor:
             return self.model.training_losses({k: v.expand(n, *v.shape[1:]) for k, v in sample.items()})["loss"]
 
-        computed = estimate(self.model, loss, str(self.trainer.precision), bool(self.config["gradient_checkpointing"]))
+        computed = estimate(self.model, loss, str(self.trainer.precision), bool(self.config["gradient_checkpointing"]),
+                            world_size=self.trainer.world_size)
         per_device = self.config["batch_size"]
-        total, what = device_memory(self.device)
-        self.runtime["memory_estimate"] = {**computed.record((1, per_device, 4, 25)), "device_gib": round(total / GIB, 2)}
+        memory = device_memory(self.device)
+        self.runtime["memory_estimate"] = {**computed.record((1, per_device, 4, 25)),
+                                           "device_gib": round(memory.total / GIB, 2),
+                                           "device_usable_gib": round(memory.usable / GIB, 2)}
         if self.trainer.is_global_zero:
-            print(f"stage 2 memory (computed): {computed.describe(per_device)}; {what} has {total / GIB:.1f} GiB")
-            warning = advice(computed, per_device, total)
+            print(f"stage 2 memory (computed): {computed.describe(per_device)}; {memory.describe()}")
+            warning = advice(computed, per_device, memory.usable)
             if warning:
                 print(f"stage 2 memory: {warning}")
 
@@ -143,16 +173,11 @@ class Stage2Module(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Constant learning rate, as in the authors' code (no warm-up, no schedule).
-        return torch.optim.AdamW(params, lr=self.config["lr"], weight_decay=self.config["weight_decay"])
-
-    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
-        for name, value in losses.items():
-            self.log(f"{prefix}/{name}", value.detach(), on_step=on_step, on_epoch=True,
-                     batch_size=batch_size, sync_dist=not on_step, prog_bar=name == "loss")
+        return adamw(params, lr=self.config["lr"], weight_decay=self.config["weight_decay"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.model.training_losses(batch)
-        self._log_losses("train", losses, len(batch["eeg"]), on_step=True)
+        log_terms(self, "train", losses, len(batch["eeg"]), per_step=True)  # epoch means over every process
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -161,7 +186,7 @@ class Stage2Module(pl.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config["seed"] + batch_idx)
             losses = self.model.training_losses(batch)
-        self._log_losses("val", losses, len(batch["eeg"]), on_step=False)
+        log_terms(self, "val", losses, len(batch["eeg"]))
 
     def on_validation_epoch_end(self) -> None:
         """Val top-1 at every validation when a classifier is set (it may pick best.ckpt); the image
@@ -183,20 +208,28 @@ class Stage2Module(pl.LightningModule):
     def sample_val_images(self) -> tuple[np.ndarray, np.ndarray]:
         """One image per val trial with the fast sampler: (ground truth, generated), uint8
         [n, H, W, 3] each, at the model's output size - the form stage 3 scores."""
+        truth, generated = self.sample_images(self.val_items, 1)
+        return truth, generated[:, 0]
+
+    @torch.no_grad()
+    def sample_images(self, items: list[dict], num_images_per_eeg: int) -> tuple[np.ndarray, np.ndarray]:
+        """`num_images_per_eeg` images per item with the val sampler and a generator seeded `seed`:
+        (ground truth uint8 [n, H, W, 3], generated uint8 [n, k, H, W, 3]) at the model's output size.
+        Also what the selection audit (train/selection_audit.py) samples the test trials with."""
 
         cfg = self.config
-        eeg = torch.stack([item["eeg"] for item in self.val_items]).to(self.device)
+        eeg = torch.stack([item["eeg"] for item in items]).to(self.device)
         was_training = self.model.training
         self.model.eval()
-        pipe = DreamDiffusionPipeline(self.model)
+        pipe = DreamDiffusionPipeline.from_model(self.model)
         pipe.set_progress_bar_config(disable=True)
         generated = pipe(
-            eeg, num_images_per_eeg=1, num_inference_steps=cfg["val_inference_steps"], sampler=cfg["val_sampler"],
-            generator=torch.Generator().manual_seed(cfg["seed"]), output_type="np",
-        ).images[:, 0]
+            eeg, num_images_per_eeg=num_images_per_eeg, num_inference_steps=cfg["val_inference_steps"],
+            sampler=cfg["val_sampler"], generator=torch.Generator().manual_seed(cfg["seed"]), output_type="np",
+        ).images
         self.model.train(was_training)
-        size = generated.shape[1]
-        truth = np.stack([_to_uint8(item["image"], size) for item in self.val_items])
+        size = generated.shape[2]
+        truth = np.stack([_to_uint8(item["image"], size) for item in items])
         return truth, generated
 
     def val_top1(self, truth: np.ndarray, generated: np.ndarray) -> float:
@@ -204,17 +237,22 @@ class Stage2Module(pl.LightningModule):
 
         cfg = self.paths
         if not self._classifier:
-            self._classifier.append(load_classifier(cfg["classifier"], cfg["classifier_weights"]).to(self.device))
-        scorer = Scorer(["n_way"], MetricNetworks(classifier=self._classifier[0]), n_way=cfg["n_way"])
-        scorer.add_trials([Image.fromarray(t) for t in truth], [[Image.fromarray(g)] for g in generated])
-        return float(scorer.compute(n_bootstrap=0)["n_way"]["mean"])
+            self._classifier.append(load_classifier(cfg["classifier"], cfg["classifier_weights"]))
+        # On the GPU only while it scores: the paper's ViT-H/14 holds 2.4 GiB the training step needs.
+        classifier = self._classifier[0].to(self.device)
+        try:
+            scorer = Scorer(["n_way"], MetricNetworks(classifier=classifier), n_way=cfg["n_way"])
+            scorer.add_trials([Image.fromarray(t) for t in truth], [[Image.fromarray(g)] for g in generated])
+            return float(scorer.compute(n_bootstrap=0)["n_way"]["mean"])
+        finally:
+            classifier.to("cpu")  # its blocks stay in the allocator's cache, for the training step to reuse
 
 
 def _to_uint8(image: torch.Tensor, size: int) -> np.ndarray:
     """A dataset image [3, S, S] in [-1, 1] -> uint8 [size, size, 3] (resized when S != size)."""
     if image.shape[-1] != size:
         image = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_uint8(image)
 
 
 def save_grid(truth: np.ndarray, generated: np.ndarray, path: Path) -> None:
@@ -263,20 +301,27 @@ class Stage2MetricsCSV(EpochMetricsCSV):
 
 
 class ExportModel(pl.Callback):
-    """`model/` (save_pretrained) when training ends, plus `selection.json` saying which checkpoint it
-    is and `training.json` (the config and its deviations). With `export="best"` the weights of
-    `best.ckpt` (chosen on the val split, never on test) are exported."""
+    """`model/` (the pipeline's save_pretrained) when training ends, plus `selection.json` saying which
+    checkpoint it is, `training.json` (the config, its deviations, the val figures of the exported and
+    the last epoch from `metrics_csv`) and the model card `README.md` (train/model_card.py). With
+    `export="best"` the weights of `best.ckpt` (chosen on the val split, never on test) are exported."""
 
-    def __init__(self, dirpath: Path, best: pl.callbacks.ModelCheckpoint, export: str, training: dict[str, Any]):
+    def __init__(self, dirpath: Path, best: pl.callbacks.ModelCheckpoint, export: str, training: dict[str, Any],
+                 metrics_csv: Path | None = None):
         self.dirpath = Path(dirpath)
         self.best, self.export, self.training = best, export, training
+        self.metrics_csv = metrics_csv
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         best = Path(self.best.best_model_path) if self.best.best_model_path else None
         if self.export == "best" and best is not None and best.is_file():
-            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            try:
+                ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways: each means "not readable"
+                raise CheckpointError(f"{best} cannot be read ({type(err).__name__}): delete it and rerun with "
+                                      "resume=true - the last epoch is then exported instead") from err
             if set(ckpt["state_dict"]) != pl_module.checkpoint_keys():
                 raise CheckpointError(f"{best} does not hold the tensors this model trains")
             pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # the frozen SD weights are not in it
@@ -286,9 +331,30 @@ class ExportModel(pl.Callback):
             reason = "export=last" if self.export == "last" else "no validation ran, so no best.ckpt"
             selection = {"export": "last", "chosen_on": f"none: the last epoch ({reason})",
                          "epoch": trainer.current_epoch}
-        pl_module.model.save_pretrained(self.dirpath)
-        atomic_write_json(self.dirpath / "selection.json", selection)
-        atomic_write_json(self.dirpath / "training.json", self.training)
+
+        encoder = pl_module.model.conditioner.encoder.config
+        training = {**self.training, "val": _val_figures(self.metrics_csv, selection["epoch"]),
+                    "eeg_input": {"n_channels": encoder["n_channels"], "n_times": encoder["n_times"]}}
+
+        def write(folder: Path) -> None:  # all of it, or none: `write_export` renames the folder into place
+            DreamDiffusionPipeline.from_model(pl_module.model).save_pretrained(folder)
+            atomic_write_json(folder / "selection.json", selection)
+            atomic_write_json(folder / "training.json", training)
+            write_model_card(folder)
+
+        trained = (p for p in pl_module.model.parameters() if p.requires_grad)
+        write_export(self.dirpath, "stage-2 model", trained, write)
+
+
+def _val_figures(metrics_csv: Path | None, exported_epoch: int) -> dict[str, Any]:
+    """The val columns of metrics.csv for the exported epoch and the last epoch that ran validation."""
+    if metrics_csv is None or not Path(metrics_csv).is_file():
+        return {}
+    with Path(metrics_csv).open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    columns = ("epoch", "val_loss", "val_diffusion", "val_clip", "val_top1")
+    pick = {"exported": [r for r in rows if int(r["epoch"]) == exported_epoch], "last": rows[-1:]}
+    return {name: {k: found[-1].get(k) or None for k in columns} for name, found in pick.items() if found}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,12 +378,25 @@ def check_config(cfg: DictConfig) -> None:
         (cfg.val_every_n_epochs >= 1, f"val_every_n_epochs must be >= 1, got {cfg.val_every_n_epochs}"),
         (cfg.export in ("best", "last"), f"export must be 'best' or 'last', got {cfg.export!r}"),
         (cfg.context_tokens >= 2, f"context_tokens must be >= 2, got {cfg.context_tokens}"),
+        (cfg.clip_temperature > 0, f"clip_temperature must be > 0 (the contrastive loss divides by it), got "
+                                   f"{cfg.clip_temperature}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.n_val_samples >= 0, f"n_val_samples must be >= 0, got {cfg.n_val_samples}"),
+        (cfg.sample_every_n_epochs >= 0, f"sample_every_n_epochs must be >= 0 (0 = no image grids), got "
+                                         f"{cfg.sample_every_n_epochs}"),
+        (1 <= cfg.val_inference_steps <= 1000, f"val_inference_steps must be in [1, 1000] (validation samples images "
+                                               f"with it), got {cfg.val_inference_steps}"),
         (not cfg.classifier or cfg.n_val_samples >= 1,
          "a classifier is set (val top-1 picks the best checkpoint), so n_val_samples must be >= 1"),
+        (not cfg.selection_audit or cfg.classifier,
+         "selection_audit=true scores test images with the n-way classifier: set classifier (and classifier_weights)"),
+        (cfg.audit_trials >= 1 and cfg.audit_slots >= 1,
+         f"audit_trials and audit_slots must be >= 1, got {cfg.audit_trials} and {cfg.audit_slots}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_trainer_settings(cfg)  # the trainer's values, and devices against torchrun's / SLURM's counts
 
 
 def check_pretrained_files(cfg: DictConfig) -> None:
@@ -334,6 +413,9 @@ def check_pretrained_files(cfg: DictConfig) -> None:
             "(code/stage1_pretrain_eeg.py) or put the authors' pretrained encoder there (pretrains/README.md), "
             "or set eeg_encoder_path=null to train the encoder from scratch"
         )
+    if cfg.eeg_encoder_path:
+        check_export(cfg.eeg_encoder_path, "stage-1 encoder export", "rerun stage 1 with resume=true in "
+                     f"{Path(cfg.eeg_encoder_path).parent} to finish it")
 
 
 def build_model(cfg: DictConfig, encoder: torch.nn.Module | None = None,
@@ -370,6 +452,7 @@ def _check_model_fits_data(model: DreamDiffusion, cfg: DictConfig, n_channels: i
         )
 
 
+@owns_output_folder("stage2", training_claim)  # refuses another stage's folder, other settings, a second run
 def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path:
     """Fine-tune as `cfg` (a `Stage2Config`) says; return the output folder. `model` replaces the
     one built from the config's files (for tests and notebooks)."""
@@ -393,6 +476,8 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
 
     val_items = [val_set[i] for i in range(min(cfg.n_val_samples, len(val_set)))]
     module = Stage2Module(model, to_container(cfg), val_items, paths=to_container(paths))
+    # CLIP embeddings (and with cache_latents the VAE latents) computed once at fit start, not every step
+    caches, train_set, val_set = work_done_once(paths, model, train_set, val_set)
     # Selection on val only. Without a classifier: the objective being trained. The diffusion term
     # alone hardly moves with conditioning quality (0.1540 vs 0.1547 between epochs whose CLIP term
     # fell 0.34 -> 0.30 in the demo), so selecting on it picks an arbitrary epoch.
@@ -400,8 +485,12 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     training = {"config": to_container(cfg), "deviations": deviations(cfg)}
     if cfg.memory_check:
         module.memory_sample = train_set[0]
+    export = ExportModel(out_dir / "model", best, cfg.export, training, out_dir / "metrics.csv")
+    guard = NonFiniteGuard(f"a learning rate too high (lr={cfg.lr}), EEG of an implausible scale (the amplitude rule "
+                           f"in datasets/README.md), or the CLIP loss's settings (clip_loss={cfg.clip_loss}, "
+                           f"clip_temperature={cfg.clip_temperature})", last)
     callbacks = [EpochSeed(cfg.seed), Stage2MetricsCSV(out_dir / "metrics.csv"), RunStats(out_dir / "runtime.json"),
-                 ExportModel(out_dir / "model", best, cfg.export, training), best, last_checkpoint(ckpt_dir)]
+                 guard, export, best, last_checkpoint(ckpt_dir), *caches, *_selection_audit(cfg, paths, out_dir)]
     trainer = build_trainer(cfg, out_dir, callbacks, check_val_every_n_epoch=cfg.val_every_n_epochs,
                             enable_model_summary=False)  # select_trainable's table says what trains
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
@@ -412,11 +501,21 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
         atomic_write_text(out_dir / "trainable_parameters.txt", format_table(module.trainable_table) + "\n")
         _print_once(paths, module, len(train_set), len(val_set))
     # weights_only: our checkpoints hold tensors and plain data only, so nothing pickled is run on resume
-    trainer.fit(module, train_dataloaders=_loader(paths, train_set, True), val_dataloaders=_loader(paths, val_set, False),
-                ckpt_path=str(last) if cfg.resume else None, weights_only=True)
+    fit(trainer, module, train_dataloaders=_loader(paths, train_set, True), val_dataloaders=_loader(paths, val_set, False),
+        ckpt_path=str(last) if cfg.resume else None, **FIT_WEIGHTS_ONLY)
+    complete_export(export, trainer, module)  # a resume after the last epoch skips on_train_end
     if trainer.is_global_zero:
         _write_summary(cfg, out_dir, module, trainer)
     return out_dir
+
+
+def _selection_audit(cfg: DictConfig, paths: DictConfig, out_dir: Path) -> list[pl.Callback]:
+    """The selection audit's callback on the first `audit_trials` test trials (none unless selection_audit)."""
+    if not cfg.selection_audit:
+        return []
+    test_set = paired_dataset(paths.data, "test", augment=False)
+    items = [test_set[i] for i in range(min(cfg.audit_trials, len(test_set)))]
+    return [SelectionAudit(out_dir, items, cfg.audit_slots, cfg.n_way, paths.classifier, paths.classifier_weights)]
 
 
 def _loader(cfg: DictConfig, dataset, shuffle: bool) -> DataLoader:
@@ -430,7 +529,8 @@ def _write_summary(cfg: DictConfig, out_dir: Path, module: Stage2Module, trainer
     with (out_dir / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     selection_file = out_dir / "model" / "selection.json"
-    selection = json.loads(selection_file.read_text()) if selection_file.is_file() else {}
+    selection = read_own_json(selection_file, f"rerun stage 2 with resume=true in {out_dir} to rewrite its export",
+                              CheckpointError) if selection_file.is_file() else {}
     trainable = sum(r["trainable"] for r in module.trainable_table)
     val_rows = [r for r in rows if r.get("val_loss")]
     last_val = val_rows[-1] if val_rows else {}
@@ -444,6 +544,10 @@ def _write_summary(cfg: DictConfig, out_dir: Path, module: Stage2Module, trainer
              ("last val CLIP term", last_val.get("val_clip") or "-"), ("last val top-1", last_val.get("val_top1") or "-"),
              ("exported", f"{selection.get('export', '-')} (epoch {selection.get('epoch', '-')}, chosen on "
                           f"{selection.get('chosen_on', '-')})"), ("fidelity", cfg.fidelity)]
+    audit = summarise_audit(out_dir, selection)  # None unless selection_audit=true
+    if audit is not None:
+        summary["selection_audit"] = audit
+        table += audit_table_rows(audit)
     write_run_summary(cfg, out_dir, "Stage 2: fine-tuning SD1.5 on EEG", summary, table)
 
 
