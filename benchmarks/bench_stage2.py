@@ -4,8 +4,14 @@ Builds the real architecture - SD1.5's UNet and VAE from the package's SD1.5 con
 from its config, the paper's `large` EEG encoder - so no download is needed, then times
 `training_losses` + backward + AdamW step on the parameters `select_trainable` picks.
 
+With `--caches`, the step is also timed with the work done once in stage 2 (`data/stage2_cache.py`),
+in turns with the step that does it every time: `clip` (the batch carries the CLIP image embeddings,
+cache_clip_embeddings=true) and `clip+latents` (also the VAE posteriors, cache_latents=true). The
+seconds of the CLIP forward and of the VAE encoder alone are reported too.
+
     python benchmarks/bench_stage2.py --resolution 512 --batch-size 4 --precision bf16-mixed --device cuda
     python benchmarks/bench_stage2.py --resolution 128 --batch-size 1 --steps 2 --device cpu
+    python benchmarks/bench_stage2.py --resolution 512 --batch-size 1 --steps 2 --device cpu --caches clip clip+latents
 
 Prints one JSON object (and writes it to --out if given). Peak memory is CUDA's max allocated
 memory on a GPU, the process's peak resident set size on the CPU.
@@ -50,6 +56,32 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cached_batches(model: DreamDiffusion, batch: dict, caches: list[str], autocast, device: str) -> tuple[dict, dict]:
+    """({variant: batch}, seconds of the work a cache removes): the batch as each cache makes it - the
+    CLIP embeddings and VAE posteriors computed here once, as `data/stage2_cache.py` computes them."""
+    seconds = {}
+    with torch.no_grad(), autocast:
+        sync(device)
+        start = time.perf_counter()
+        clip_embeds = model.clip_encoder(batch["clip_pixel_values"]).float()
+        sync(device)
+        seconds["clip_forward"] = time.perf_counter() - start
+        moments = model.image_moments(batch["image"])
+        sync(device)
+        seconds["vae_encode"] = time.perf_counter() - start - seconds["clip_forward"]
+    variants = {"per_step": batch}
+    if "clip" in caches:
+        variants["clip"] = {"eeg": batch["eeg"], "image": batch["image"], "clip_embeds": clip_embeds}
+    if "clip+latents" in caches:
+        variants["clip+latents"] = {"eeg": batch["eeg"], "latent_moments": moments, "clip_embeds": clip_embeds}
+    return variants, {k: round(v, 3) for k, v in seconds.items()}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = args.device
@@ -64,23 +96,27 @@ def run(args: argparse.Namespace) -> dict:
     }
     autocast = (torch.autocast(device_type=device.split(":")[0], dtype=AUTOCAST[args.precision])
                 if args.precision in AUTOCAST else contextlib.nullcontext())
+    variants, work_seconds = cached_batches(model, batch, args.caches, autocast, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for step in range(args.warmup + args.steps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast:
-            losses = model.training_losses(batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        for name, inputs in variants.items():  # in turns: the machine's load changes over a run
+            sync(device)
+            start = time.perf_counter()
+            with autocast:
+                losses = model.training_losses(inputs)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
+            optimizer.step()
+            sync(device)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    per_variant = {name: {"seconds_per_step": round(sum(t) / len(t), 3), "seconds_per_step_min": round(min(t), 3),
+                          "runs": [round(x, 3) for x in t],
+                          "vs_per_step": round(sum(t) / sum(times["per_step"]), 3)} for name, t in times.items()}
+    times = times["per_step"]
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
         "resolution": s,
@@ -96,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         "frozen_parameters": sum(r["frozen"] for r in table),
         "loss": float(losses["loss"].detach()),
         "torch": torch.__version__,
+        **({"caches": per_variant, "work_a_cache_removes_seconds": work_seconds} if args.caches else {}),
     }
 
 
@@ -108,10 +145,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--caches", nargs="*", choices=["clip", "clip+latents"], default=[],
+                        help="also time the step with these stage-2 caches, in turns with the per-step one")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8 (the VAE's factor), got {args.resolution}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     text = json.dumps(result, indent=2)
     print(text)

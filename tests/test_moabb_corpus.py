@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from scipy.signal import welch
 
 pytest.importorskip("moabb")
@@ -12,7 +13,7 @@ from moabb.datasets.fake import FakeDataset  # noqa: E402
 
 from dreamdiffusion.core.errors import run_cli  # noqa: E402
 from dreamdiffusion.data.moabb_corpus import MANIFEST_COLUMNS, CorpusSettings, build_pretrain_corpus  # noqa: E402
-from dreamdiffusion.dataset import EEGPretrainDataset  # noqa: E402
+from dreamdiffusion.dataset import EEGPretrainDataset, PackedEEGDataset  # noqa: E402
 
 
 def fake(sfreq=128):
@@ -55,6 +56,14 @@ def test_builder_writes_windows_manifest_and_summary(tmp_path):
     assert (out / "summary.json").is_file() and "FakeDataset" in (out / "summary.txt").read_text()
     loaded = EEGPretrainDataset(out, n_channels=8, n_times=512)
     assert len(loaded) == 20 and loaded[0]["eeg"].shape == (8, 512)
+    # The builder packs its windows for stage 1 (in the same folder): the same samples for the same seed.
+    assert summary["packed"]["windows"] == 20 and summary["packed"]["shards"] == ["eeg_c3.bin"]
+    packed = PackedEEGDataset(out, n_channels=8, n_times=512)
+    for i in (0, 7, 19):
+        torch.manual_seed(i)
+        expected = loaded[i]["eeg"]
+        torch.manual_seed(i)
+        assert torch.equal(packed[i]["eeg"], expected)
 
 
 def test_second_run_skips_what_exists(tmp_path):

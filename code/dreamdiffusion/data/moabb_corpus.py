@@ -16,6 +16,9 @@ Output under `out_dir`:
     manifest.csv                        one row per window (dataset, subject, session, run, n_channels,
                                         sfreq, n_times, file, orig_sfreq, l_freq, h_freq, start)
     summary.json, summary.txt           counts per dataset and in all, and the settings used
+    corpus.json, index.bin, eeg_c<C>.bin, sources.txt
+                                        the same windows packed for stage 1 (every *.npy below
+                                        `out_dir`, checked once; dreamdiffusion.data.packed_corpus)
 
 Resumable: a subject with `done.json` is not loaded again; window files already present are kept.
 Every file is written atomically.
@@ -38,7 +41,9 @@ import numpy as np
 
 from dreamdiffusion.config import resolve_path
 from dreamdiffusion.core.errors import ConfigError, DataError
+from dreamdiffusion.core.extras import require_extra
 from dreamdiffusion.core.files import atomic_path, atomic_write_json, atomic_write_text
+from dreamdiffusion.data.packed_corpus import pack_folder
 
 # Large MOABB datasets (docs/method.md, "Data"). Shin2017A/B need `accept_licenses` and are left out of
 # the default list for that reason.
@@ -56,6 +61,7 @@ DEFAULT_DATASETS = [
 # (imagined and executed movement), not only the imagined ones MOABB loads by default.
 DATASET_KWARGS: dict[str, dict[str, Any]] = {"PhysionetMI": {"imagined": True, "executed": True}}
 LICENSED_DATASETS = {"Shin2017A", "Shin2017B"}
+MOABB_FEATURE = "building the stage-1 corpus from MOABB"
 
 MANIFEST_COLUMNS = ["dataset", "subject", "session", "run", "n_channels", "sfreq", "n_times", "file",
                     "orig_sfreq", "l_freq", "h_freq", "start"]
@@ -88,10 +94,9 @@ class CorpusSettings:
 
 def load_dataset(name: str, accept_licenses: bool = False):
     """A MOABB dataset object from a class name in `moabb.datasets` or a dotted path `pkg.mod.Class`."""
-    try:
-        import moabb.datasets
-    except ImportError as err:
-        raise ConfigError("MOABB is not installed: pip install '.[moabb]' (or pip install moabb)") from err
+    require_extra("moabb", MOABB_FEATURE)
+    import moabb.datasets  # imported here, not at the top - MOABB is optional (the moabb extra)
+
     if "." in name:
         module_name, _, class_name = name.rpartition(".")
         try:
@@ -177,11 +182,14 @@ def build_pretrain_corpus(
     settings: CorpusSettings | None = None,
     subjects: Sequence[Any] | None = None,
     log: Callable[[str], None] = print,
+    pack: bool = True,
 ) -> dict[str, Any]:
     """Write the windows, `manifest.csv` and `summary.json` under `out_dir`; return the summary.
 
     `datasets`: MOABB class names / dotted paths, or dataset objects (tests pass a FakeDataset).
     `subjects`: restrict every dataset to these subject ids (else `settings.max_subjects` or all).
+    `pack`: then pack every window below `out_dir` into `out_dir` itself (`packed_corpus.pack_folder`),
+    which stage 1 reads when `data.root` holds its corpus.json.
     """
     settings = settings or CorpusSettings()
     settings.check()
@@ -236,6 +244,10 @@ def build_pretrain_corpus(
         "total_subjects": sum(d["subjects"] for d in per_dataset.values()),
         **totals,
     }
+    if pack:
+        corpus = pack_folder(out_dir, out_dir, log=log)
+        summary["packed"] = {"windows": corpus["n_windows"], "shards": [s["file"] for s in corpus["shards"]],
+                             "seconds": corpus["seconds_to_pack"]}
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.txt", format_summary(summary) + "\n")
     return summary
@@ -280,6 +292,8 @@ def parse_args(argv=None):
     parser.add_argument("--subjects", type=int, nargs="+", default=None, help="only these subject ids")
     parser.add_argument("--max-subjects", type=int, default=None, help="at most this many subjects per dataset")
     parser.add_argument("--accept-licenses", action="store_true", help="accept the licence of Shin2017A/B")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                        help="pack the windows for stage 1 (corpus.json, index.bin, eeg_c<C>.bin) when done")
     return parser.parse_args(argv)
 
 
@@ -287,12 +301,13 @@ def main(argv=None):
     """The command line of code/prepare_pretrain_data.py."""
 
     args = parse_args(argv)
+    require_extra("moabb", MOABB_FEATURE)  # before anything is written
     settings = CorpusSettings(l_freq=args.l_freq, h_freq=args.h_freq, sfreq=args.sfreq or None,
                               window_seconds=args.window_seconds, stride_seconds=args.stride_seconds,
                               max_subjects=args.max_subjects, accept_licenses=args.accept_licenses)
     out_dir = resolve_path(args.out)
-    summary = build_pretrain_corpus(args.datasets, out_dir, settings, subjects=args.subjects)
+    summary = build_pretrain_corpus(args.datasets, out_dir, settings, subjects=args.subjects, pack=args.pack)
     print(format_summary(summary))
-    print(f"wrote {out_dir}/manifest.csv and summary.json")
+    print(f"wrote {out_dir}/manifest.csv and summary.json" + (" and the packed corpus (corpus.json)" if args.pack else ""))
     return summary
 

@@ -15,8 +15,10 @@ A hub id is used only when the hub is reachable (HF_HUB_OFFLINE unset, `core.com
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPTokenizer, CLIPTokenizerFast, CLIPVisionModelWithProjection
 
 from dreamdiffusion.core.compat import TRANSFORMERS_V5, is_offline_mode
 from dreamdiffusion.core.errors import CheckpointError, ConfigError
@@ -110,7 +112,9 @@ class ProcessorTransform:
         self.processor = clip_image_processor(self.size)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        # A PIL image is channels-last; told so, transformers 4.x does not guess channels-first for
+        # an image 1 or 3 pixels high.
+        return self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"][0]
 
     def __repr__(self) -> str:  # stable across runs: part of the stage-2 CLIP cache's key
         return f"ProcessorTransform({self.size}, {type(self.processor).__name__})"
@@ -125,6 +129,17 @@ def clip_pil_processor_class() -> type:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: Sequence[tuple[str, str]], max_length: int):
+    """CLIP's byte-level BPE tokenizer (the `tokenizers` one) from an in-memory vocabulary and merges:
+    transformers 5.x builds it from them, 4.x reads them as `vocab.json` + `merges.txt` (same ids)."""
+    if TRANSFORMERS_V5:
+        return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=max_length)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizerFast.from_pretrained(folder, model_max_length=max_length)
 
 
 def clip_image_processor(size: int = 224):
