@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from dreamdiffusion.core.errors import CheckpointError
-from dreamdiffusion.models.clip_embedder import load_clip_image_encoder
+from dreamdiffusion.models.clip_embedder import clip_pil_processor_class, load_clip_image_encoder
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             image_size=32, patch_size=8, projection_dim=16)
@@ -36,13 +36,12 @@ def test_a_missing_folder_says_what_to_download(tmp_path):
 
 def test_transformers_clip_uses_clips_own_processor(tmp_path):
     from PIL import Image
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY)).eval()
     model.save_pretrained(tmp_path)
     embedder = load_clip_image_encoder(tmp_path)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 30, 3), dtype=np.uint8))
-    pixels = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
+    pixels = clip_pil_processor_class()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
         images=image, return_tensors="pt")["pixel_values"]
     assert torch.allclose(embedder.preprocess(image), pixels[0])
     with torch.no_grad():

@@ -5,7 +5,9 @@ changed between those floors and the newest releases are switched here, by the i
 from package metadata (nothing is imported to decide):
 
     transformers 4.x / 5.x   the PIL CLIP image processor is `CLIPImageProcessor` / `CLIPImageProcessorPil`
-                             (5.x's `CLIPImageProcessor` is the torchvision one, whose resize differs)
+                             (5.x's `CLIPImageProcessor` is the torchvision one);
+                             a CLIP tokenizer is built from an in-memory vocabulary in 5.x only
+                             (both switched in models/clip_embedder.py on `TRANSFORMERS_V5`)
     pytorch-lightning 2.6    `Trainer.fit(weights_only=...)`; older releases have no such argument
     huggingface_hub 1.x      `is_offline_mode()`; 0.x reads the HF_HUB_OFFLINE constant
     scipy 1.15               `bootstrap(rng=...)`; older releases call it `random_state`
@@ -17,6 +19,7 @@ import re
 from importlib.metadata import version
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
 
 
 def release(distribution: str) -> tuple[int, int]:
@@ -42,4 +45,4 @@ def is_offline_mode() -> bool:
     """Whether the Hugging Face hub must not be contacted (HF_HUB_OFFLINE=1)."""
     if hasattr(huggingface_hub, "is_offline_mode"):
         return huggingface_hub.is_offline_mode()
-    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    return bool(hub_constants.HF_HUB_OFFLINE)

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 import torchvision
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
 from dreamdiffusion.core.files import atomic_torch_save
 from dreamdiffusion.data.synthetic import write_synthetic_imagenet_eeg, write_synthetic_pretrain_corpus
-from dreamdiffusion.models.clip_embedder import CLIP_VIT_L14_VISION
+from dreamdiffusion.models.clip_embedder import CLIP_VIT_L14_VISION, clip_tokenizer
 from dreamdiffusion.models.dreamdiffusion import DreamDiffusion, time_cond_overrides
 from dreamdiffusion.models.mae import ENCODER_PRESETS, EEGEncoder
 from dreamdiffusion.models.original_formats import save_compvis_checkpoint, write_generation_checkpoint
@@ -81,7 +81,7 @@ def byte_tokenizer(folder: Path, max_length: int) -> int:
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length).save_pretrained(folder)
+    clip_tokenizer(vocab, [], max_length).save_pretrained(folder)
     return len(vocab)
 
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import is_offline_mode
 
 from dreamdiffusion.config import REPO_ROOT
+from dreamdiffusion.core.compat import is_offline_mode
 from dreamdiffusion.core.errors import CheckpointError, ConfigError, DataError
 from dreamdiffusion.core.files import atomic_write_json
 
@@ -107,7 +107,7 @@ def instructions(w: Weight, root: Path) -> str:
 
 
 def _hub_download(w: Weight, root: Path) -> dict[str, dict]:
-    # lazy: the hub client's network half, only when downloading
+    # imported here, not at the top - the hub client's network half, only when downloading
     from huggingface_hub import HfApi, hf_hub_download
 
     repo = w.source[3:]
