@@ -3,6 +3,7 @@
     python code/paper_table.py --dry-run                 # the runs and their commands, nothing started
     python code/paper_table.py                           # every row of configs/paper_table/ on real data
     python code/paper_table.py --rows full,model5 --jobs 2
+    python code/paper_table.py --seeds 3                 # every row 3 times: mean +- sd, pooled interval
     python code/paper_table.py --stage1 trainer.devices=8 --stage2 trainer.devices=8 --stage3 devices=8
 
 Each run goes to outputs/paper_table/<stage>/<name>; finished runs are skipped, so the same command
@@ -22,12 +23,17 @@ def main(argv=None):
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: every row)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each is its own process)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every row this many times (seed k > 0 under <outputs>/seed<k>, each stage's seed "
+                             "+ k); the table gives mean +- sd over seeds (default 1)")
     for stage in ("stage1", "stage2", "stage3"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"overrides for every {stage} run (e.g. trainer.devices=8)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     spec, rows = load_grid(args.grid)
     if args.rows:
         wanted = args.rows.split(",")
@@ -35,9 +41,10 @@ def main(argv=None):
         if unknown:
             raise ConfigError(f"--rows: no row named {unknown} in {args.grid} (rows: {', '.join(r.name for r in rows)})")
         rows = [r for r in rows if r.name in wanted]
-    runs = plan(spec, rows, extra={"stage1": args.stage1, "stage2": args.stage2, "stage3": args.stage3})
+    runs = plan(spec, rows, extra={"stage1": args.stage1, "stage2": args.stage2, "stage3": args.stage3},
+                seeds=args.seeds)
     if args.dry_run:
-        print(dry_run(runs))
+        print(dry_run(runs, rows))
         return runs
     GridRunner(runs, jobs=args.jobs).run()
     summary = write_results(spec, rows, runs)

@@ -382,10 +382,11 @@ def test_stage3_checks_n_way_and_images_before_writing_anything(base, tmp_path, 
     import timm
 
     from dreamdiffusion.models.classifier import save_local_classifier
+    from dreamdiffusion.models.pipeline import DreamDiffusionPipeline
     from stage2_tiny import ENCODER, tiny_model
 
     model_dir = tmp_path / "model"
-    tiny_model(seed=0, clip=None).save_pretrained(model_dir)
+    DreamDiffusionPipeline.from_model(tiny_model(seed=0, clip=None)).save_pretrained(model_dir)
     save_local_classifier(timm.create_model("test_resnet", num_classes=6), tmp_path / "clf", "test_resnet",
                           {"num_classes": 6}, 16, [0.5] * 3, [0.5] * 3)
     args = [f"model={model_dir}", f"data.eeg_path={base['eeg_path']}", f"data.splits_path={base['splits_path']}",

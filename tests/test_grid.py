@@ -26,9 +26,17 @@ def test_the_paper_table_plans_the_papers_ablation_on_real_data():
     assert any(a.endswith("stage2/full/model") for a in runs["stage3/full"].args)
     probe = runs["probe/mask075_large"].args
     assert probe[probe.index("--eeg") + 1].endswith("datasets/eeg_5_95_std.pth") and "4" in probe
-    text = dry_run(plan(spec, rows))
+    text = dry_run(plan(spec, rows), rows)
     assert text.count("# stage3/") == 7 and "stage2_finetune_sd.py" in text and "to run" in text
-    assert {r.paper_top1 for r in rows if r.paper_top1} == {45.8, 19.7}
+    # the whole paper column: every row's figure (model 6 has none in our sources, and says so), printed
+    # before anything runs, beside the row and beside its stage-2 and stage-3 runs
+    assert {r.name: r.paper_top1 for r in rows} == {"full": 45.8, "model1": 4.2, "model2": 3.7, "model3": 32.3,
+                                                    "model4": 24.5, "model5": 19.7, "model6": None}
+    assert next(r for r in rows if r.name == "model6").paper_note
+    for row in rows:
+        figure = "no figure (" if row.paper_top1 is None else f"the paper: {row.paper_top1:.1f}%"
+        assert f"#   {row.name}" in text and figure in text
+    assert "# stage3/model3 (to run)" in text and "stage3/model3; the paper: 32.3%" in text
 
 
 def test_extra_overrides_reach_every_run_of_their_stage():
@@ -111,3 +119,59 @@ def test_the_table_of_a_grid_that_has_not_run(tmp_path):
     summary = summarise(spec, rows, plan(spec, rows, {"seed": "7"}))
     assert summary["rows"]["a"]["status"] == "not run"
     assert "| **a**: row a | not run |" in results_markdown(summary)
+
+
+def test_seeds_plan_each_row_once_per_seed_with_its_own_seed(tmp_path):
+    spec, rows = load_grid(PAPER)
+    runs = {r.name: r for r in plan(spec, rows[:1], seeds=3)}
+    # seed 0 is the one-seed table's run (same folder, no seed override); seed k its own folder and seed + k
+    assert runs["stage1/mask075_large"].args == next(r for r in plan(spec, rows[:1]) if r.phase == "stage1").args
+    for k in (1, 2):
+        stage1, stage2 = runs[f"seed{k}/stage1/mask075_large"], runs[f"seed{k}/stage2/full"]
+        assert f"seed={2022 + k}" in stage1.args and f"seed={2022 + k}" in stage2.args
+        assert stage1.output_dir.parent.parent.name == f"seed{k}"
+        # the stage-1 encoder of the same seed
+        assert any(a.endswith(f"seed{k}/stage1/mask075_large/eeg_encoder") for a in stage2.args)
+        assert runs[f"seed{k}/probe/mask075_large"].args[-2:] == ["--seed", str(k)]
+    with pytest.raises(ConfigError, match="seeds must be >= 1"):
+        plan(spec, rows[:1], seeds=0)
+
+
+def _fake_stage3(run, per_trial_slots):
+    """A stage-3 metrics.json with these per-trial, per-slot n-way scores."""
+    import json
+
+    import numpy as np
+
+    scores = np.asarray(per_trial_slots, dtype=float)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    per_slot = scores.mean(0)
+    report = {"protocol": {"n_trials": len(scores), "n_way": 20, "num_images_per_eeg": scores.shape[1]},
+              "metrics": {"n_way": {"mean": float(scores.mean()), "mean_ci95": [0.0, 1.0], "best_slot": float(per_slot.max()),
+                                    "best_slot_ci95": [0.0, 1.0], "per_slot": per_slot.tolist()}},
+              "trials": [{"n_way": row.tolist()} for row in scores]}
+    (run.output_dir / "metrics.json").write_text(json.dumps(report))
+
+
+def test_a_table_over_seeds_gives_mean_sd_each_seed_and_a_pooled_interval(tmp_path):
+    import numpy as np
+
+    spec, rows = load_grid(_tiny_grid(tmp_path))
+    runs = plan(spec, rows, {"seed": "7"}, seeds=3)
+    stage3 = sorted((r for r in runs if r.phase == "stage3"), key=lambda r: r.seed)
+    scores = [[[0.2, 0.4], [0.0, 0.2], [0.6, 0.6]], [[0.4, 0.4], [0.2, 0.0], [0.4, 0.8]], [[0.0, 0.2], [0.2, 0.2], [0.2, 0.4]]]
+    for run, s in zip(stage3[:2], scores[:2]):
+        _fake_stage3(run, s)
+    row = summarise(spec, rows, runs)["rows"]["a"]
+    assert row["seeds"] == 2 and row["seeds_planned"] == 3  # the third seed has not run
+    _fake_stage3(stage3[2], scores[2])
+    summary = summarise(spec, rows, runs)
+    row = summary["rows"]["a"]
+    per_seed = [np.mean(s) for s in scores]
+    assert row["seeds"] == 3 and row["top1_per_seed"] == pytest.approx(per_seed)
+    assert row["top1"] == pytest.approx(np.mean(per_seed)) and row["top1_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    low, high = row["top1_ci"]
+    assert low < row["top1"] < high and high - low < 0.6
+    text = results_markdown(summary)
+    assert f"{row['top1']:.1%} ± {row['top1_sd'] * 100:.1f} (" in text and "| 3 | – |" in text
+    assert "mean over the seeds that finished" in text

@@ -23,7 +23,9 @@ from dreamdiffusion.data.synthetic import (
     draw_stimulus,
     sample_stimulus_params,
     stimulus_classes,
+    visual_parts,
     write_synthetic_imagenet_eeg,
+    write_synthetic_pretrain_corpus,
 )
 
 N_IMAGES = SYNTHETIC_IMAGENET_EEG["n_classes"] * SYNTHETIC_IMAGENET_EEG["images_per_class"]
@@ -217,3 +219,22 @@ def test_pretrain_corpus(synthetic_pretrain_corpus):
     assert {a.shape[0] for a in arrays} <= {32, 64, 128} and len({a.shape[0] for a in arrays}) > 1
     assert all(300 <= a.shape[1] <= 1200 for a in arrays)
     assert all(8 < a.std() < 40 for a in arrays)  # amplitude 10: the authors' scale 0.1 gives ~1
+
+
+def test_the_corpus_visual_share_adds_visual_recordings_and_zero_changes_nothing(tmp_path):
+    corpus = dict(n_files=6, channel_counts=(32,), length_range=(300, 400), seed=3)
+    plain = write_synthetic_pretrain_corpus(tmp_path / "plain", **corpus)
+    zero = write_synthetic_pretrain_corpus(tmp_path / "zero", visual_share=0.0, **corpus)
+    half = write_synthetic_pretrain_corpus(tmp_path / "half", visual_share=0.5, **corpus)
+    same = [np.array_equal(np.load(a), np.load(b)) for a, b in zip(plain, zero)]
+    assert all(same)  # 0: exactly today's files
+    # a share: that many recordings (of the same length and channels) carry other evoked responses
+    changed = [not np.array_equal(np.load(a), np.load(b)) for a, b in zip(plain, half)]
+    assert sum(changed) == 3 and all(np.load(a).shape == np.load(b).shape for a, b in zip(plain, half))
+    # a visual event: one shape, colour and texture in any combination, random drawing features, no label
+    parts = visual_parts(np.random.default_rng(0), image_weight=0.5)
+    kinds = [key[0] for key, _ in parts]
+    assert kinds[:3] == ["shape", "colour", "texture"] and kinds.count("feature") == 6 and "class" not in kinds
+    assert parts[0][0][1] in SHAPES and parts[1][0][1] in COLOURS and parts[2][0][1] in TEXTURES
+    with pytest.raises(ConfigError, match="visual_share must be in"):
+        write_synthetic_pretrain_corpus(tmp_path / "bad", visual_share=1.5, **corpus)

@@ -59,7 +59,7 @@ def test_stage2_trains_a_native_encoder_on_the_training_concepts(world, model):
     assert summary  # the run summary exists
     cfg = (model.parent / "config.yaml").read_text()
     assert "kind: things_eeg2" in cfg and "n_times: 100" in cfg
-    assert json.loads((model / "dreamdiffusion.json").read_text())["encoder"]["n_channels"] == 17
+    assert json.loads((model / "conditioner" / "config.json").read_text())["encoder_config"]["n_channels"] == 17
 
 
 def test_stage3_writes_the_fields_retrieval_table_protocol_and_skips(world, model):
@@ -74,8 +74,12 @@ def test_stage3_writes_the_fields_retrieval_table_protocol_and_skips(world, mode
         assert report["metrics"][name]["n_trials"] == 4
     text = (out / "results.md").read_text()
     assert "intra-subject (subject 1)" in text and "test repetitions averaged" in text
-    assert "NICE (Song et al., ICLR 2024): 15.6% / 42.8%" in text and "UBP (CVPR 2025): 50.9% / 79.7%" in text
-    assert "ATM (Li et al., NeurIPS 2024): not transcribed" in text
+    # today's anchors, each with how its model was selected
+    assert "| NICE | 15.6 / 42.8 | 6.2 / 21.4 | validation" in text and "| UBP | 50.9 / 79.7 | 12.4 / 33.4 |" in text
+    assert "| ATM-S | 26.13 / 55.32 |" in text and "| BrainHiVE | 80.8 / 97 | 33.7 / 65.8 | not stated |" in text
+    assert "test: the best epoch by test accuracy" in text
+    # split hygiene: unseen test concepts, no block design
+    assert report["split_hygiene"]["repeated"] == [] and "## Split hygiene" in text and "no block design" in text
     assert "| 4-way |" in text and "## Reconstruction metrics" in text
 
 

@@ -424,6 +424,16 @@ def stimulus_parts(stimulus: StimulusClass, class_index: int, image_id: int, par
     return parts
 
 
+def visual_parts(rng: np.random.Generator, image_weight: float) -> list[tuple[object, float]]:
+    """The evoked-response keys of an unlabelled stimulus of a visual paradigm: a shape, a colour and a
+    texture drawn independently (any combination, a class of the paired data or not) and random drawing
+    parameters, with the weights `stimulus_parts` gives them; no class and no image component."""
+    shape, colour, texture = (str(rng.choice(values)) for values in (SHAPES, list(COLOURS), TEXTURES))
+    parts: list[tuple[object, float]] = [(("shape", shape), 1.0), (("colour", colour), 1.0), (("texture", texture), 0.7)]
+    features = sample_stimulus_params(rng).features()
+    return parts + [(("feature", f), image_weight * float(value)) for f, value in enumerate(features)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Files in the real formats
 
@@ -472,6 +482,7 @@ def write_synthetic_imagenet_eeg(
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     dropped_final_trials: int = 0,
     jpeg_quality: int = 90,
+    split_unit: str = "image",
 ) -> dict[str, Path]:
     """Write a synthetic ImageNet-EEG in the real formats below `out_dir`.
 
@@ -482,15 +493,20 @@ def write_synthetic_imagenet_eeg(
     a fraction `out_of_range_fraction`, 1..50 samples outside it (exercising the length filter).
     The last subject misses its final `dropped_final_trials` trials (the real file holds 11965 of
     12000), so some positions of the "single" split file point past that subject's list.
-    Splits are by image: all trials of an image fall in one split. The "single" file holds
-    positions in one subject's trial list, the "all" file positions in the whole list; each
-    split's indices are in shuffled order, like the real files.
+    Splits are by image (`split_unit="image"`, as the real files): all trials of an image fall in one
+    split. `split_unit="trial"` splits the "all" file by trial instead, so the trials of one image by
+    different subjects fall in different splits - a split with repeated stimuli, for the split-hygiene
+    check (data/split_hygiene.py); the "single" file is the same either way, since a subject sees each
+    image once. The "single" file holds positions in one subject's trial list, the "all" file
+    positions in the whole list; each split's indices are in shuffled order, like the real files.
 
     Returns {"root", "eeg_path", "splits_path" (the single file), "splits_all_path", "image_dir",
     "class_names_path"}.
     """
     if n_subjects < 1 or images_per_class < 1:
         raise ConfigError(f"need n_subjects >= 1 and images_per_class >= 1, got {n_subjects}, {images_per_class}")
+    if split_unit not in ("image", "trial"):
+        raise ConfigError(f"split_unit must be 'image' or 'trial', got {split_unit!r}")
     out = Path(out_dir)
     classes = stimulus_classes(n_classes)
     wnids = [f"n9{k:07d}" for k in range(n_classes)]  # WordNet-id format, outside the real id range
@@ -503,7 +519,8 @@ def write_synthetic_imagenet_eeg(
         trial_images = session[:len(session) - dropped_final_trials] if subject == n_subjects else session
         dataset += _subject_trials(generator, subject, trial_images, classes, labels, params, image_weight,
                                    keyed_rng("trials", seed, subject), trial_length_range, out_of_range_fraction)
-    splits_single, splits_all = _split_positions(session, dataset, images_by_class, n_splits, split_fractions, seed)
+    splits_single, splits_all = _split_positions(session, dataset, images_by_class, n_splits, split_fractions, seed,
+                                                 split_unit)
     paths = {
         "root": out,
         "eeg_path": out / "eeg_5_95_std.pth",
@@ -564,9 +581,11 @@ def _subject_trials(generator: SyntheticEEG, subject: int, trial_images: Sequenc
 
 
 def _split_positions(session: Sequence[int], dataset: Sequence[dict], images_by_class: list[list[int]],
-                     n_splits: int, fractions: tuple[float, float, float], seed: int) -> tuple[list, list]:
+                     n_splits: int, fractions: tuple[float, float, float], seed: int,
+                     unit: str = "image") -> tuple[list, list]:
     """The "single" splits (positions in one subject's trial list) and the "all" splits (positions
-    in the whole list), by image, each split's indices in shuffled order like the real files."""
+    in the whole list), by image (or, for the "all" file, by trial), each split's indices in shuffled
+    order like the real files."""
     splits_single, splits_all = [], []
     for n in range(n_splits):
         rng = keyed_rng("splits", seed, n)
@@ -575,6 +594,11 @@ def _split_positions(session: Sequence[int], dataset: Sequence[dict], images_by_
         for name, images in assignment.items():
             single[name] = [int(p) for p in rng.permutation([p for p, i in enumerate(session) if i in images])]
             every[name] = [int(p) for p in rng.permutation([p for p, t in enumerate(dataset) if t["image"] in images])]
+        if unit == "trial":  # its own generator: the by-image files stay as they were
+            trial_rng = keyed_rng("trial splits", seed, n)
+            by_class = [[p for p, t in enumerate(dataset) if t["image"] in set(images)] for images in images_by_class]
+            every = {name: [int(p) for p in trial_rng.permutation(sorted(positions))]
+                     for name, positions in _split_images(trial_rng, by_class, fractions).items()}
         splits_single.append(single)
         splits_all.append(every)
     return splits_single, splits_all
@@ -591,6 +615,8 @@ def write_synthetic_pretrain_corpus(
     signal_strength: float = 2.0,
     amplitude: float = 10.0,
     seed: int = 0,
+    visual_share: float = 0.0,
+    image_weight: float = 0.5,
 ) -> list[Path]:
     """Write `n_files` unpaired recordings `sub-XX/rec-NNNN.npy` (float32, channels x time) at 1 kHz.
 
@@ -598,9 +624,19 @@ def write_synthetic_pretrain_corpus(
     same noise model as the paired data plus evoked responses to a random event type every
     `event_interval` ms (so masked modelling has structure to learn); scaled to standard deviation
     `amplitude` (10, so the authors' `scale` 0.1 brings it back to about 1).
+
+    `visual_share`: the share of the files (round(visual_share * n_files), chosen with `seed`) that
+    record a visual paradigm instead, as MOABB's ERP/SSVEP datasets do: each event is then the
+    response to a random stimulus (`visual_parts`: a shape, a colour and a texture drawn
+    independently, and random drawing parameters) - the components the paired stimuli evoke, in
+    combinations that need not be a class, with no label. 0 writes exactly the files it always did.
     """
+    if not 0.0 <= visual_share <= 1.0:
+        raise ConfigError(f"visual_share must be in [0, 1] (a share of the corpus's files), got {visual_share}")
     out = Path(out_dir)
     generators = {c: SyntheticEEG(n_channels=c, signal_strength=signal_strength, seed=seed) for c in channel_counts}
+    # A permutation of its own, so the other files draw exactly what they drew before the knob existed.
+    visual = {int(i) for i in keyed_rng("visual files", seed).permutation(n_files)[:round(visual_share * n_files)]}
     paths = []
     for i in range(n_files):
         rng = keyed_rng("pretrain", seed, i)
@@ -613,7 +649,8 @@ def write_synthetic_pretrain_corpus(
             # Events from half an interval before the start, so the first response may be cut.
             onsets = rng.uniform(-event_interval, 0) + event_interval * np.arange(n_times // event_interval + 2)
             eeg = eeg + signal_strength * sum(
-                generator.evoked([(("event", int(rng.integers(n_event_types))), 1.0)], n_times, subject, rng, onset)
+                generator.evoked(visual_parts(rng, image_weight) if i in visual
+                                 else [(("event", int(rng.integers(n_event_types))), 1.0)], n_times, subject, rng, onset)
                 for onset in onsets)
         path = out / f"sub-{subject:02d}" / f"rec-{i:04d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,12 @@ def _write_image_set(image_dir: Path, concepts: dict[str, list[StimulusClass]], 
     """JPEG stimuli, `image_metadata.npy` and `concept_attributes.json`.
 
     Returns per partition, one (stimulus, class index, image id, params) per EEG row, in metadata order.
+    A test concept that is also a training concept shows that concept's first training image again
+    (same file name, drawing and image-specific response): a repeated stimulus.
     """
     metadata, attributes, rows = {}, {}, {}
     class_index = image_id = 0
+    first_image: dict[StimulusClass, tuple[int, Any]] = {}  # training concept -> (image id, params) of its image 1
     for partition, classes in concepts.items():
         prefix, per_concept = METADATA_PREFIX[partition], images_per_concept if partition == "training" else 1
         names, files, things, rows[partition], attributes[partition] = [], [], [], [], {}
@@ -81,7 +84,11 @@ def _write_image_set(image_dir: Path, concepts: dict[str, list[StimulusClass]], 
             attributes[partition][concept] = {"shape": stimulus.shape, "colour": stimulus.colour,
                                               "texture": stimulus.texture}
             for j in range(per_concept):
-                params = sample_stimulus_params(keyed_rng("things-eeg2 image", seed, image_id))
+                repeated = first_image.get(stimulus) if partition == "test" else None
+                this_id, params = repeated or (image_id, sample_stimulus_params(keyed_rng("things-eeg2 image", seed,
+                                                                                          image_id)))
+                if partition == "training" and j == 0:
+                    first_image[stimulus] = (this_id, params)
                 file = f"{slug}_{j + 1:02d}{'b' if j == 0 else 's'}.jpg"
                 path = image_dir / IMAGE_FOLDERS[partition] / concept / file
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +97,9 @@ def _write_image_set(image_dir: Path, concepts: dict[str, list[StimulusClass]], 
                 names.append(concept)
                 files.append(file)
                 things.append(f"{class_index + 1:04d}_{slug}")
-                rows[partition].append((stimulus, class_index, image_id, params))
-                image_id += 1
+                rows[partition].append((stimulus, class_index, this_id, params))
+                if repeated is None:
+                    image_id += 1
             class_index += 1
         metadata |= {f"{prefix}_img_concepts": names, f"{prefix}_img_files": files,
                      f"{prefix}_img_concepts_THINGS": things}
@@ -130,6 +138,7 @@ def write_synthetic_things_eeg2(
     signal_strength: float = 2.0,
     image_weight: float = 0.5,
     jpeg_quality: int = 90,
+    repeated_test_concepts: int = 0,
 ) -> dict[str, Any]:
     """Write a synthetic THINGS-EEG2 below `out_dir` in a real layout ("official" or "nice").
 
@@ -140,7 +149,9 @@ def write_synthetic_things_eeg2(
     the layout's (17 x 100 at 100 Hz; 63 x 250 at 250 Hz). A concept is a shape x colour x texture
     combination (`synthetic_concepts`); the EEG of an image is `synthetic.SyntheticEEG`'s response to
     its attributes, its concept and its own drawing, evoked at stimulus onset (t = 0 of `times`),
-    standardised per channel and subject. Deterministic for a seed.
+    standardised per channel and subject. Deterministic for a seed. `repeated_test_concepts` = k makes the
+    first k test concepts training concepts shown with their first training image (a split with repeated
+    stimuli, for the split-hygiene check; the real test concepts never occur in training).
 
     Returns {"root", "eeg_dir", "image_dir", "metadata_path", "attributes_path"}.
     """
@@ -158,6 +169,10 @@ def write_synthetic_things_eeg2(
     out = Path(out_dir)
     paths = {"root": out, "eeg_dir": out / "preprocessed_eeg", "image_dir": out / "image_set"}
     train, test = synthetic_concepts(n_train_concepts, n_test_concepts, seed)
+    if not 0 <= repeated_test_concepts <= min(n_train_concepts, n_test_concepts):
+        raise ConfigError(f"repeated_test_concepts must be in 0..{min(n_train_concepts, n_test_concepts)}, "
+                          f"got {repeated_test_concepts}")
+    test = train[:repeated_test_concepts] + test[:n_test_concepts - repeated_test_concepts]
     rows = _write_image_set(paths["image_dir"], {"training": train, "test": test}, images_per_concept,
                             image_size, seed, jpeg_quality)
     generator = SyntheticEEG(n_channels=n_channels, sfreq=sfreq, signal_strength=signal_strength, seed=seed,

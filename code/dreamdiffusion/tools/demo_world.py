@@ -50,6 +50,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, ge
 
 from dreamdiffusion.core.errors import ConfigError
 from dreamdiffusion.core.files import atomic_torch_save, atomic_write_json
+from dreamdiffusion.core.images import to_uint8
 from dreamdiffusion.data.synthetic import (
     draw_stimulus,
     sample_stimulus_params,
@@ -59,7 +60,7 @@ from dreamdiffusion.data.synthetic import (
 )
 from dreamdiffusion.dataset import CLIP_MEAN, CLIP_STD
 from dreamdiffusion.models.classifier import load_classifier, save_local_classifier
-from dreamdiffusion.models.clip_embedder import load_clip_image_encoder
+from dreamdiffusion.models.clip_embedder import clip_tokenizer, load_clip_image_encoder
 
 PROMPT = "a photo of a {}"  # the caption the tiny CLIP and SD learn; Stage3Config.oracle_prompt
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -87,6 +88,12 @@ class DemoWorldConfig:
     # --- the unpaired corpus for stage 1 ---
     n_pretrain_files: int = 400
     pretrain_length_range: tuple[int, int] = (600, 2000)  # samples at 1 kHz per recording
+    # The share of the corpus's recordings from a visual paradigm (as MOABB's ERP/SSVEP datasets):
+    # responses to random shape/colour/texture combinations, the components the paired stimuli evoke,
+    # with no labels (synthetic.write_synthetic_pretrain_corpus). 0: only other event types, which share
+    # nothing but the noise model with the paired EEG. Each share has its own corpus folder
+    # (`DemoWorld.pretrain_dir`), so the stand-ins are shared. docs/trust.md measures both.
+    corpus_visual_share: float = 0.0
     # --- the stand-ins: trained on fresh draws, `world_images_per_class` per class ---
     world_images_per_class: int = 100
     text_width: int = 64  # tiny CLIP text width = the UNet's cross-attention dim
@@ -135,17 +142,28 @@ class DemoWorld:
 
     datasets_dir: Path
     pretrains_dir: Path
+    corpus_visual_share: float = 0.0  # which corpus stage 1 reads (DemoWorldConfig.corpus_visual_share)
 
     eeg_path = property(lambda self: self.datasets_dir / "eeg_5_95_std.pth")
     splits_path = property(lambda self: self.datasets_dir / "block_splits_by_image_single.pth")
     splits_all_path = property(lambda self: self.datasets_dir / "block_splits_by_image_all.pth")
     image_dir = property(lambda self: self.datasets_dir / "images")
     class_names_path = property(lambda self: self.datasets_dir / "class_names.json")
-    pretrain_dir = property(lambda self: self.datasets_dir / "pretrain_eeg")
+    pretrain_dir = property(lambda self: self.datasets_dir / corpus_folder(self.corpus_visual_share))
     clip_dir = property(lambda self: self.pretrains_dir / "clip")
     sd_dir = property(lambda self: self.pretrains_dir / "sd")
     classifier_dir = property(lambda self: self.pretrains_dir / "classifier")
     report_path = property(lambda self: self.pretrains_dir / "world_report.json")
+
+
+def corpus_folder(visual_share: float) -> str:
+    """The unpaired corpus's folder name: `pretrain_eeg` (no visual recordings), `pretrain_eeg_visual0.3`."""
+    return "pretrain_eeg" if visual_share == 0 else f"pretrain_eeg_visual{visual_share:g}"
+
+
+# The settings that only the unpaired corpus depends on: it has a folder per share, so they are not
+# compared with the stand-ins' world_config.json.
+CORPUS_ONLY = ("corpus_visual_share",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +289,7 @@ def make_tokenizer(names: Sequence[str], max_length: int):
 
     words = PROMPT.format("").split() + [w for name in names for w in name.split()]
     vocab, merges = build_tokenizer_files(words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return clip_tokenizer(vocab, merges, max_length)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -594,8 +612,8 @@ def check_world(cfg: DemoWorldConfig, world: DemoWorld) -> dict[str, Any]:
 def _save_sample_grid(samples: torch.Tensor, path: Path, upscale: int = 2) -> None:
     """samples [K, n, 3, S, S] in [-1, 1] -> one row per class (torchvision's grid, enlarged)."""
 
-    grid = make_grid((samples.flatten(0, 1).clamp(-1, 1) + 1) / 2, nrow=samples.shape[1], padding=0)
-    img = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    grid = make_grid(samples.flatten(0, 1), nrow=samples.shape[1], padding=0)  # [3, H, W], still in [-1, 1]
+    img = Image.fromarray(to_uint8(grid))
     img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
 
 
@@ -623,10 +641,11 @@ def build_demo_world(
     needs nothing else, so `demo.py` starts it there on the second core.
     """
     cfg = cfg or DemoWorldConfig()
-    world = DemoWorld(Path(datasets_dir), Path(pretrains_dir))
+    world = DemoWorld(Path(datasets_dir), Path(pretrains_dir), cfg.corpus_visual_share)
     timings: dict[str, Any] = {}
     world_cfg_path = world.pretrains_dir / "world_config.json"
-    if world_cfg_path.is_file() and json.loads(world_cfg_path.read_text()) != _jsonable(asdict(cfg)):
+    stand_ins_cfg = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in CORPUS_ONLY}
+    if world_cfg_path.is_file() and json.loads(world_cfg_path.read_text()) != stand_ins_cfg:
         raise ConfigError(f"{world.pretrains_dir} was built with other settings ({world_cfg_path}); "
                           "delete datasets/demo and pretrains/demo (`make clean`) to rebuild")
 
@@ -642,8 +661,9 @@ def build_demo_world(
         if world.pretrain_dir.exists():
             shutil.rmtree(world.pretrain_dir)
         write_synthetic_pretrain_corpus(world.pretrain_dir, cfg.n_pretrain_files,
-                                        length_range=tuple(cfg.pretrain_length_range), seed=cfg.seed)
-        done_marker.write_text(f"{cfg.n_pretrain_files} files\n")
+                                        length_range=tuple(cfg.pretrain_length_range), seed=cfg.seed,
+                                        visual_share=cfg.corpus_visual_share)
+        done_marker.write_text(f"{cfg.n_pretrain_files} files, visual share {cfg.corpus_visual_share:g}\n")
 
     part("unpaired EEG corpus", done_marker.is_file(), write_corpus)
     if on_corpus_ready is not None:
@@ -652,7 +672,7 @@ def build_demo_world(
         for name in ("tiny classifier", "tiny CLIP", "tiny Stable Diffusion"):
             timings[name] = "kept"
     else:
-        atomic_write_json(world_cfg_path, _jsonable(asdict(cfg)))
+        atomic_write_json(world_cfg_path, stand_ins_cfg)
         _build_stand_ins(cfg, world, part, progress, log)
     return world, timings
 
@@ -749,7 +769,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = [
-    "DemoWorld", "DemoWorldConfig", "PROMPT", "build_demo_world", "build_tokenizer_files", "check_world",
+    "DemoWorld", "DemoWorldConfig", "PROMPT", "build_demo_world", "corpus_folder", "build_tokenizer_files", "check_world",
     "class_names", "make_tokenizer", "render_world_images", "sample_from_text", "text_states",
     "write_shuffled_labels_copy",
 ]
