@@ -207,7 +207,7 @@ def _hygiene_section(hygiene: dict | None) -> list[str]:
     the test trials relate to the training blocks."""
     if not hygiene:
         return []
-    lines = ["", "## Split hygiene", "", f"{hygiene['dataset']}, {hygiene['where']}: distinct stimuli per split "
+    lines = ["", "## Split hygiene", "", f"{hygiene['dataset']}, {hygiene['where']}: distinct stimuli per split: "
              + "; ".join(f"{kind}s " + ", ".join(f"{n} {s}" for s, n in per.items())
                          for kind, per in hygiene["distinct_stimuli"].items()) + "."]
     repeated = hygiene["repeated"]

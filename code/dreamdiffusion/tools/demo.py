@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--outputs-dir", default=None, help="default: outputs/demo (outputs/demo_quick)")
     parser.add_argument("--results-dir", default=None, help="default: results/demo (results/demo_quick)")
     parser.add_argument("--assets-dir", default=None,
-                        help="where the README's grid image is copied (default: assets, not with --quick)")
+                        help="where the README's grid image is copied (default: assets, for the plain demo only: not with "
+                             "--quick, --seeds, --visual-share or --rows)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--seeds", type=int, default=1,
                         help="run every row this many times (the grid's seeds: mean +- sd; seed 0 is the one-seed "
@@ -158,7 +159,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "pretrains": _dir(args.pretrains_dir, f"pretrains/demo{'_quick' if args.quick else ''}"),
             "outputs": _dir(args.outputs_dir, f"outputs/demo{suffix}"),
             "results": _dir(args.results_dir, f"results/demo{suffix}" + (f"_seeds{args.seeds}" if args.seeds > 1 else ""))}
-    assets = None if ((args.quick or args.seeds > 1) and args.assets_dir is None) else _dir(args.assets_dir, "assets")
+    # The README's grid image is `make demo`'s own: a variant (quick, seeds, another corpus, some rows) keeps its
+    # grid in its results folder unless --assets-dir says where to copy it.
+    variant = args.quick or args.seeds > 1 or suffix != "" or args.rows is not None
+    assets = None if (variant and args.assets_dir is None) else _dir(args.assets_dir, "assets")
     progress = not args.no_progress
     started = time.perf_counter()
 
