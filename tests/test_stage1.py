@@ -113,6 +113,28 @@ def test_resume_after_two_epochs_equals_four_uninterrupted(corpus, tmp_path):
     assert [r["loss"] for r in rows_split] == [r["loss"] for r in rows_straight]
 
 
+def test_resume_refuses_an_optimiser_state_grouped_another_way_in_one_sentence(corpus, tmp_path, capsys):
+    # A run written before the cls/mask tokens took weight decay: same weights, the two tokens in the
+    # no-decay group. torch would fail inside fit; the check names the file and the groups first.
+    common = {"epochs": 2, "figure_every_n_epochs": 0, "checkpoint_every_n_epochs": 0}
+    out = tmp_path / "old"
+    stage1.main(tiny_overrides(corpus, out, stop_after_epochs=1, **common))
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    no_decay, decay = ckpt["optimizer_states"][0]["param_groups"]
+    no_decay["params"] += decay["params"][:2]
+    decay["params"] = decay["params"][2:]
+    torch.save(ckpt, last)
+    before = sorted(p.name for p in out.rglob("*"))
+
+    assert run_cli(stage1.main, tiny_overrides(corpus, out, resume="true", **common)) == 2
+    err = capsys.readouterr().err.strip()
+    sizes = [len(no_decay["params"]), len(decay["params"])]
+    assert err.startswith(f"error: resume=true: {last} holds an optimiser state with parameter groups of {sizes}")
+    assert "start a new output_dir" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == before  # refused before anything was written
+
+
 def test_a_packed_corpus_trains_exactly_as_the_folder_it_was_packed_from(corpus, tmp_path):
     from dreamdiffusion.data.packed_corpus import pack_folder
 

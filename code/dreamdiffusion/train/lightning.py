@@ -424,9 +424,12 @@ def check_trainer_settings(cfg: DictConfig) -> None:
     launcher_devices(t.devices, t.num_nodes, "trainer.")  # a contradiction with torchrun's / SLURM's counts
 
 
-def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[str] | None = None) -> None:
-    """resume=true: `path` must hold this module's weights (`keys`, default all; same shapes), else a
-    sentence now instead of Lightning's wall of missing keys."""
+def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[str] | None = None,
+                            group_sizes: list[int] | None = None) -> None:
+    """resume=true: `path` must hold this module's weights (`keys`, default all; same shapes) and, when
+    `group_sizes` is given, an optimiser state whose parameter groups hold as many tensors as this
+    run's will; else a sentence now instead of Lightning's wall of missing keys or torch's optimiser
+    error after the set-up."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any decode failure means "not a checkpoint of ours"
@@ -444,6 +447,15 @@ def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[st
             f"other shapes {sorted(shapes)[:3]}" if shapes else "") if part)
         raise CheckpointError(f"resume=true: {path} was not written by this stage with these model sizes ({detail}); "
                               "resume with the settings it was trained with, or use a new output_dir")
+    saved_groups = [len(group["params"]) for group in (loaded.get("optimizer_states") or [{}])[0].get("param_groups", [])]
+    if group_sizes is not None and saved_groups and saved_groups != list(group_sizes):
+        # The weights match but the optimiser was built another way (e.g. a stage-1 run from before
+        # the cls/mask tokens took weight decay): Adam's moments cannot be carried over exactly.
+        raise CheckpointError(
+            f"resume=true: {path} holds an optimiser state with parameter groups of {saved_groups} tensors, this "
+            f"run builds {list(group_sizes)}: it was written by another version of this stage, which grouped the "
+            "weights for weight decay differently, so it cannot be continued exactly; start a new output_dir "
+            "(its weights are intact: the encoder in its eeg_encoder/ or checkpoints/ still loads)")
 
 
 def output_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:

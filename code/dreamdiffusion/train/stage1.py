@@ -443,7 +443,8 @@ def run_pretraining(cfg: DictConfig) -> Path:
     )
     module = MAEPretrainModule(to_container(cfg))
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
-        check_resume_checkpoint(module, last)
+        check_resume_checkpoint(module, last, group_sizes=[
+            len(group["params"]) for group in parameter_groups(module.model, cfg.weight_decay)])
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
