@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 OLDEST := .venv-oldest
 OLDEST_PY := $(OLDEST)/bin/python
 OLDEST_STAMP := $(OLDEST)/.installed
+# The oldest leg's interpreter: the lowest Python requires-python allows, when this machine has one.
+OLDEST_PYTHON ?= $(shell .ci/oldest_python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
@@ -29,10 +31,11 @@ test: install
 	$(PY) .ci/oldest_constraints.py --installed
 	$(PY) -m pytest -q tests
 
-# The oldest supported versions: pip installs with constraints pinning every dependency (core and
-# extras) to its `>=` bound in pyproject.toml (.ci/oldest_constraints.py); their own dependencies resolve freely.
+# The oldest supported versions: the lowest Python requires-python allows (.ci/oldest_python), and pip
+# installs with constraints pinning every dependency (core and extras) to its `>=` bound in
+# pyproject.toml (.ci/oldest_constraints.py); their own dependencies resolve freely.
 $(OLDEST_STAMP): pyproject.toml .ci/oldest_constraints.py
-	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST)
+	test "$$($(OLDEST_PY) -V 2>&1)" = "$$($(OLDEST_PYTHON) -V 2>&1)" || { rm -rf $(OLDEST); $(OLDEST_PYTHON) -m venv $(OLDEST); }
 	$(OLDEST_PY) -m pip install -q --upgrade pip
 	$(OLDEST_PY) .ci/oldest_constraints.py > $(OLDEST)/constraints.txt
 	$(OLDEST_PY) -m pip install -q -c $(OLDEST)/constraints.txt -e ".[dev]"

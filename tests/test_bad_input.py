@@ -508,20 +508,25 @@ def test_a_debug_flag_shows_the_traceback_and_a_bug_keeps_it(capsys):
 
 
 def _as_nobody():
+    """A command prefix under which file permissions apply: nothing for a normal user; for root, root
+    without capabilities (no CAP_DAC_OVERRIDE: a 0555 folder refuses it, while root-owned 0700 homes,
+    pyenv's Pythons in /root among them, stay readable), else user nobody (which needs a checkout and a
+    Python that other users can read)."""
     if os.geteuid() != 0:
         return []
     if shutil.which("setpriv") is None:
         pytest.skip("root ignores permissions and setpriv is not available to drop them")
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    # The unprivileged user must be able to run this checkout's Python and read its scripts (a clone
-    # inside a private 0700 folder, as `mktemp -d` makes, is closed to it).
     script = REPO_ROOT / "code" / "stage1_pretrain_eeg.py"
-    probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(script)!r}).close(); import dreamdiffusion"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"user nobody cannot run this checkout ({probe.stderr.strip().splitlines()[-1:]}); "
-                    "the test needs a checkout readable by other users")
-    return prefix
+    probe_code = f"open({str(script)!r}).close(); import dreamdiffusion"
+    failures = []
+    for prefix in (["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--"],
+                   ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]):
+        probe = subprocess.run([*prefix, sys.executable, "-c", probe_code], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return prefix
+        failures.append(probe.stderr.strip().splitlines()[-1:])
+    pytest.skip(f"neither root without capabilities nor user nobody can run this checkout ({failures}); "
+                "the test needs one of them")
 
 
 def test_a_read_only_output_folder_is_a_sentence_for_a_non_root_user():

@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the [dev] extra installs tomli there)
+    import tomli as tomllib
 
 from dreamdiffusion.core.errors import ConfigError, run_cli
 from dreamdiffusion.core.extras import EXTRAS, installed, require_extra
