@@ -507,7 +507,7 @@ def test_a_debug_flag_shows_the_traceback_and_a_bug_keeps_it(capsys):
         run_cli(bug, [])
 
 
-def _as_nobody():
+def _without_privileges():
     """A command prefix under which file permissions apply: nothing for a normal user; for root, root
     without capabilities (no CAP_DAC_OVERRIDE: a 0555 folder refuses it, while root-owned 0700 homes,
     pyenv's Pythons in /root among them, stay readable), else user nobody (which needs a checkout and a
@@ -530,7 +530,7 @@ def _as_nobody():
 
 
 def test_a_read_only_output_folder_is_a_sentence_for_a_non_root_user():
-    prefix = _as_nobody()
+    prefix = _without_privileges()
     root = Path(tempfile.mkdtemp(prefix="dd_readonly_"))
     try:
         root.chmod(0o755)

@@ -447,15 +447,17 @@ def check_resume_checkpoint(module: pl.LightningModule, path: Path, keys: set[st
             f"other shapes {sorted(shapes)[:3]}" if shapes else "") if part)
         raise CheckpointError(f"resume=true: {path} was not written by this stage with these model sizes ({detail}); "
                               "resume with the settings it was trained with, or use a new output_dir")
+    if group_sizes is None:
+        return
     saved_groups = [len(group["params"]) for group in (loaded.get("optimizer_states") or [{}])[0].get("param_groups", [])]
-    if group_sizes is not None and saved_groups and saved_groups != list(group_sizes):
+    if saved_groups and saved_groups != list(group_sizes):
         # The weights match but the optimiser was built another way (e.g. a stage-1 run from before
         # the cls/mask tokens took weight decay): Adam's moments cannot be carried over exactly.
         raise CheckpointError(
             f"resume=true: {path} holds an optimiser state with parameter groups of {saved_groups} tensors, this "
             f"run builds {list(group_sizes)}: it was written by another version of this stage, which grouped the "
             "weights for weight decay differently, so it cannot be continued exactly; start a new output_dir "
-            "(its weights are intact: the encoder in its eeg_encoder/ or checkpoints/ still loads)")
+            "(its weights are intact and still load)")
 
 
 def output_paths(cfg: DictConfig) -> tuple[Path, Path, Path]:

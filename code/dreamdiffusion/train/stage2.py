@@ -494,8 +494,8 @@ def run_finetuning(cfg: DictConfig, model: DreamDiffusion | None = None) -> Path
     trainer = build_trainer(cfg, out_dir, callbacks, check_val_every_n_epoch=cfg.val_every_n_epochs,
                             enable_model_summary=False)  # select_trainable's table says what trains
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
-        check_resume_checkpoint(module, last, module.checkpoint_keys(),  # one group: what trains
-                                group_sizes=[sum(p.requires_grad for p in module.model.parameters())])
+        # its keys are what trains, so a run that trained other weights is refused here too
+        check_resume_checkpoint(module, last, module.checkpoint_keys())
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
